@@ -1,0 +1,130 @@
+"""Finding and opening weight files safely: safetensors first, never unpickling arbitrary objects."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .errors import ModelFileError
+
+log = logging.getLogger("lambda_eclipse")
+
+SAFE_SUFFIXES = (".safetensors",)
+# torch.load(weights_only=True) refuses arbitrary objects, so these are opened only that way.
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+WEIGHT_SUFFIXES = SAFE_SUFFIXES + TORCH_SUFFIXES
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a flat name → tensor dict from a .safetensors file or a weights-only torch file."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"Weight file not found: {path}. Check the path or put the file there.")
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a folder, not a weight file.")
+    suffix = path.suffix.lower()
+    if suffix in SAFE_SUFFIXES:
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own SafetensorError and OSError
+            raise ModelFileError(
+                f"{path.name} is not a readable .safetensors file ({exc}). "
+                "Re-download it; a partial download is the usual cause."
+            ) from exc
+    if suffix in TORCH_SUFFIXES:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelFileError(
+                f"{path.name} could not be opened as plain weights ({exc}). Only tensors are "
+                "read from .bin/.pt/.ckpt files (weights_only=True); convert it to .safetensors."
+            ) from exc
+        return _unwrap_state_dict(obj, path)
+    raise ModelFileError(
+        f"{path.name}: unsupported weight file type '{suffix or '(none)'}'. "
+        f"Use one of {', '.join(WEIGHT_SUFFIXES)} (.safetensors preferred)."
+    )
+
+
+def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
+    # Training checkpoints often nest the weights one level down.
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelFileError(f"{path.name} does not hold a flat dict of tensors; it cannot be used as weights.")
+    return obj
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata stored in a .safetensors header (empty for other files)."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as exc:
+        raise ModelFileError(f"{path.name} is not a readable .safetensors file ({exc}).") from exc
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path} could not be read as JSON ({exc}).") from exc
+
+
+def first_existing(folder: Path, names: Iterable[str]) -> Path | None:
+    for name in names:
+        candidate = folder / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None):
+    """Write a .safetensors file so that a crash never leaves a torn file under the final name."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path: str | os.PathLike):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    """Accept a torch dtype or one of 'fp32'/'fp16'/'bf16' (and their long names)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    }
+    try:
+        return names[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"Unknown dtype {dtype!r}; use fp32, fp16 or bf16.") from None

@@ -1,0 +1,1 @@
+"""Standalone training of the λ-ECLIPSE prior."""
