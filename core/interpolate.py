@@ -1,0 +1,64 @@
+"""Blending embeddings: lerp, norm-aware slerp, and the paper's 4-corner bilinear grid."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InputError
+
+
+def _t(t, like: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    return t.reshape(-1, *([1] * (like.ndim - 1))) if t.ndim else t
+
+
+def lerp(a: torch.Tensor, b: torch.Tensor, t) -> torch.Tensor:
+    """a·(1−t) + b·t, as the official interpolation script computes it."""
+    return a * (1 - _t(t, a)) + b * _t(t, a)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t, eps: float = 1e-7) -> torch.Tensor:
+    """Spherical interpolation of the directions, linear interpolation of the norms (embeddings carry scale)."""
+    tt = _t(t, a)
+    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    ua, ub = a / na.clamp_min(eps), b / nb.clamp_min(eps)
+    dot = (ua * ub).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7)
+    omega = torch.arccos(dot)
+    so = torch.sin(omega)
+    nearly_parallel = so.abs() < 1e-4
+    wa = torch.where(nearly_parallel, 1 - tt, torch.sin((1 - tt) * omega) / so)
+    wb = torch.where(nearly_parallel, tt, torch.sin(tt * omega) / so)
+    direction = wa * ua + wb * ub
+    direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return direction * (na * (1 - tt) + nb * tt)
+
+
+def blend(a: torch.Tensor, b: torch.Tensor, t, mode: str = "lerp") -> torch.Tensor:
+    if a.shape != b.shape:
+        raise InputError(f"Cannot blend embeddings of shapes {tuple(a.shape)} and {tuple(b.shape)}; give both the same batch size.")
+    if mode == "lerp":
+        return lerp(a, b, t)
+    if mode == "slerp":
+        return slerp(a, b, t)
+    raise InputError(f"Unknown blend mode {mode!r}; use 'lerp' or 'slerp'.")
+
+
+def bilinear_grid(top_left, top_right, bottom_left, bottom_right, steps: int, mode: str = "lerp") -> torch.Tensor:
+    """[(steps+1)², E] in row-major order: rows go top→bottom (left pair), columns left→right.
+
+    Row r: left = blend(TL, BL, r/S), right = blend(TR, BR, r/S); column c: blend(left, right, c/S),
+    which is the official interpolation.py grid (S=1 gives the 2×2 corners, S=4 the 5×5 figure).
+    """
+    if steps < 1:
+        raise InputError(f"Grid steps must be at least 1 (2×2); got {steps}.")
+    corners = [c.reshape(-1) for c in (top_left, top_right, bottom_left, bottom_right)]
+    if len({c.shape for c in corners}) != 1:
+        raise InputError("The four grid corners must be embeddings of the same size.")
+    tl, tr, bl, br = corners
+    rows = []
+    for r in range(steps + 1):
+        left = blend(tl, bl, r / steps, mode)
+        right = blend(tr, br, r / steps, mode)
+        for c in range(steps + 1):
+            rows.append(blend(left, right, c / steps, mode))
+    return torch.stack(rows)
