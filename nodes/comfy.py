@@ -1,0 +1,311 @@
+"""The one place the nodes reach ComfyUI: model folders, devices, VRAM, progress and interrupt.
+
+Everything is imported lazily. Without ComfyUI (tests, notebooks) a plain-PyTorch fallback is used:
+model folders under `LAMBDA_ECLIPSE_MODELS` (or `set_models_dir`), the CPU, and a local cancel flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from ..core.errors import Cancelled, MissingModelsError, ModelFileError
+
+log = logging.getLogger("lambda_eclipse")
+
+MODEL_FOLDER = "lambda_eclipse"
+WEIGHT_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
+
+_fallback_models_dir: Path | None = None
+_fallback_input_dir: Path | None = None
+_cancel = threading.Event()
+
+
+# -- is ComfyUI here? --------------------------------------------------------------------------------
+
+def _import(name: str):
+    try:
+        return __import__(name, fromlist=["_"])
+    except Exception:  # any failure means "not inside ComfyUI"; never break the caller
+        return None
+
+
+def folder_paths():
+    """ComfyUI's `folder_paths` module, or None outside ComfyUI."""
+    return _import("folder_paths")
+
+
+def model_management():
+    module = _import("comfy.model_management")
+    return module if module is not None and folder_paths() is not None else None
+
+
+def in_comfyui() -> bool:
+    return model_management() is not None
+
+
+# -- model folders ---------------------------------------------------------------------------------
+
+def set_models_dir(path: str | os.PathLike | None):
+    """Fallback models folder (ComfyUI's `models/` layout) for use outside ComfyUI."""
+    global _fallback_models_dir
+    _fallback_models_dir = Path(path) if path is not None else None
+
+
+def set_input_dir(path: str | os.PathLike | None):
+    global _fallback_input_dir
+    _fallback_input_dir = Path(path) if path is not None else None
+
+
+def models_dir() -> Path | None:
+    fp = folder_paths()
+    if fp is not None:
+        return Path(fp.models_dir)
+    if _fallback_models_dir is not None:
+        return _fallback_models_dir
+    env = os.environ.get("LAMBDA_ECLIPSE_MODELS")
+    return Path(env) if env else None
+
+
+def input_dir() -> Path | None:
+    fp = folder_paths()
+    if fp is not None:
+        return Path(fp.get_input_directory())
+    return _fallback_input_dir
+
+
+def register_model_folder() -> Path | None:
+    """Register models/lambda_eclipse with ComfyUI without dropping paths from extra_model_paths.yaml."""
+    fp = folder_paths()
+    if fp is None:
+        return None
+    default = Path(fp.models_dir) / MODEL_FOLDER
+    try:
+        default.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("could not create %s (%s); add a 'lambda_eclipse' entry to extra_model_paths.yaml instead", default, exc)
+    table = fp.folder_names_and_paths
+    if MODEL_FOLDER in table:
+        paths, extensions = table[MODEL_FOLDER]
+        paths = list(paths)
+        if str(default) not in paths:
+            paths.append(str(default))
+        # A fresh set: the shared supported_pt_extensions set must never be mutated.
+        table[MODEL_FOLDER] = (paths, set(extensions) | WEIGHT_EXTENSIONS)
+    else:
+        table[MODEL_FOLDER] = ([str(default)], set(WEIGHT_EXTENSIONS))
+    return default
+
+
+def folder_bases(key: str) -> list[Path]:
+    """The base folders ComfyUI searches for `key` (fallback: <models>/<key>), existing ones only."""
+    fp = folder_paths()
+    bases: list[str] = []
+    if fp is not None:
+        try:
+            bases = list(fp.get_folder_paths(key))
+        except Exception:  # an unknown key: ComfyUI raises KeyError
+            bases = []
+    else:
+        root = models_dir()
+        if root is not None:
+            bases = [str(root / key)]
+            if key == "text_encoders":  # ComfyUI maps the legacy models/clip here too
+                bases.append(str(root / "clip"))
+    out, seen = [], set()
+    for base in bases:
+        path = Path(base)
+        real = os.path.realpath(path)
+        if real not in seen and path.is_dir():
+            seen.add(real)
+            out.append(path)
+    return out
+
+
+def _walk(base: Path) -> Iterable[tuple[Path, list[str], list[str]]]:
+    for root, dirs, files in os.walk(base, followlinks=True):
+        dirs.sort()
+        yield Path(root), dirs, sorted(files)
+
+
+def _rel(path: Path, base: Path) -> str:
+    return path.relative_to(base).as_posix()
+
+
+def list_models(keys: Iterable[str], is_model_folder: Callable[[Path], bool], files: bool,
+                skip_folder: Callable[[Path], bool] | None = None) -> list[str]:
+    """Names (relative to a base folder) of model folders and, if `files`, loose weight files under `keys`.
+
+    A folder recognised as a model is listed by its name and not descended into, nor is any folder
+    `skip_folder` recognises (another kind of model), so their inner files never clutter the list.
+    """
+    names: list[str] = []
+    for key in keys:
+        for base in folder_bases(key):
+            for root, dirs, filenames in _walk(base):
+                if root != base and is_model_folder(root):
+                    names.append(_rel(root, base))
+                    dirs[:] = []
+                    continue
+                if root != base and skip_folder is not None and skip_folder(root):
+                    dirs[:] = []
+                    continue
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                if files:
+                    names.extend(_rel(root / f, base) for f in filenames if Path(f).suffix.lower() in WEIGHT_EXTENSIONS)
+    return sorted(dict.fromkeys(names), key=str.lower)
+
+
+def resolve_model(keys: Iterable[str], name: str, what: str, url: str) -> Path:
+    """A listed name back to its path, searched in the same folders; a clear error when it is gone."""
+    keys = list(keys)
+    if not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise ModelFileError(f"{what}: {name!r} is not a name from the list. Pick one in the loader's menu.")
+    for key in keys:
+        for base in folder_bases(key):
+            candidate = base / name
+            if candidate.exists():
+                return candidate
+    where = ", ".join(f"models/{k}" for k in keys)
+    if not any(folder_bases(k) for k in keys):
+        where += " (none of these folders exists yet)"
+    raise MissingModelsError(
+        f"{what} {name!r} was not found in {where}. Download it from {url} and put it in "
+        f"models/{keys[0]}/, then press R (refresh) and pick it in the loader."
+    )
+
+
+def model_signature(path: Path) -> tuple:
+    """(path, newest mtime, total size) of a file or of the weight/config files in a folder: a changed file reloads."""
+    path = Path(path)
+    if path.is_file():
+        st = path.stat()
+        return (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    mtime, size = 0, 0
+    for root, _dirs, files in os.walk(path, followlinks=True):
+        for f in files:
+            if Path(f).suffix.lower() in WEIGHT_EXTENSIONS | {".json"}:
+                st = (Path(root) / f).stat()
+                mtime, size = max(mtime, st.st_mtime_ns), size + st.st_size
+    return (str(path.resolve()), mtime, size)
+
+
+# -- devices and dtypes --------------------------------------------------------------------------------
+
+def load_device() -> torch.device:
+    mm = model_management()
+    return mm.get_torch_device() if mm is not None else torch.device("cpu")
+
+
+def offload_device(kind: str = "unet") -> torch.device:
+    mm = model_management()
+    if mm is None:
+        return torch.device("cpu")
+    if kind == "text":
+        return mm.text_encoder_offload_device()
+    return mm.unet_offload_device()
+
+
+def text_encoder_device() -> torch.device:
+    mm = model_management()
+    return mm.text_encoder_device() if mm is not None else torch.device("cpu")
+
+
+def intermediate_device() -> torch.device:
+    mm = model_management()
+    return mm.intermediate_device() if mm is not None else torch.device("cpu")
+
+
+def auto_dtype(kind: str) -> torch.dtype:
+    """ComfyUI's choice for this kind of model on this machine ('prior' is always fp32: 34M parameters)."""
+    mm = model_management()
+    if kind == "prior" or mm is None:
+        return torch.float32
+    if kind == "clip":
+        return mm.text_encoder_dtype(mm.text_encoder_device())
+    if kind == "decoder":
+        return mm.unet_dtype()
+    return torch.float32
+
+
+# -- VRAM sharing --------------------------------------------------------------------------------------
+
+class ModelHolder(torch.nn.Module):
+    """A plain module owning the model's parts: ModelPatcher must set `.device`, which diffusers models refuse."""
+
+    def __init__(self, **parts: torch.nn.Module):
+        super().__init__()
+        for name, part in parts.items():
+            self.add_module(name, part)
+
+
+def make_patcher(kind: str, **parts: torch.nn.Module):
+    """A ComfyUI ModelPatcher over `parts` (None outside ComfyUI, where nothing is managed)."""
+    mm = model_management()
+    patcher_module = _import("comfy.model_patcher")
+    if mm is None or patcher_module is None:
+        return None
+    holder = ModelHolder(**parts)
+    load = mm.text_encoder_device() if kind == "clip" else mm.get_torch_device()
+    return patcher_module.ModelPatcher(holder, load_device=load, offload_device=offload_device("text" if kind == "clip" else "unet"))
+
+
+def load_models(patchers: Iterable) -> None:
+    """Ask ComfyUI to bring these models to the GPU, freeing others if needed (one shared VRAM budget)."""
+    patchers = [p for p in patchers if p is not None]
+    mm = model_management()
+    if mm is not None and patchers:
+        mm.load_models_gpu(patchers)
+
+
+# -- progress and interrupt -------------------------------------------------------------------------------
+
+def request_cancel():
+    """Fallback only: make the next progress callback raise Cancelled (ComfyUI uses its own interrupt)."""
+    _cancel.set()
+
+
+def clear_cancel():
+    _cancel.clear()
+
+
+def check_interrupt():
+    mm = model_management()
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+    elif _cancel.is_set():
+        _cancel.clear()
+        raise Cancelled("Cancelled by the user.")
+
+
+class _NullBar:
+    def __init__(self, total: int):
+        self.total, self.current = total, 0
+
+    def update(self, value: int):
+        self.current += value
+
+    def update_absolute(self, value: int, total: int | None = None, preview=None):
+        self.current = value
+
+
+def progress_bar(total: int):
+    utils = _import("comfy.utils") if in_comfyui() else None
+    return utils.ProgressBar(total) if utils is not None else _NullBar(total)
+
+
+def step_callback(total: int) -> Callable[[int, int], None]:
+    """A core-style callback(step, total): one progress tick per step, and stop at once on Cancel."""
+    bar = progress_bar(total)
+
+    def callback(step: int, steps: int):
+        bar.update_absolute(step + 1, steps)
+        check_interrupt()
+
+    callback.bar = bar
+    return callback
