@@ -1,0 +1,134 @@
+"""The command line end to end on tiny models in a ComfyUI-like models/ tree."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from lambda_eclipse.core.cli import main, parse_subject
+from lambda_eclipse.core.errors import InputError, MissingModelsError
+from lambda_eclipse.core.paths import resolve_models
+from lambda_eclipse.core.pipeline import prior_noise, sample_prior, seeds_for
+from lambda_eclipse.core.interleave import interleave_prompt
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pictures")
+    dog = Image.new("RGB", (180, 120), "white")
+    ImageDraw.Draw(dog).ellipse((40, 20, 140, 100), fill=(150, 90, 30))
+    mask = Image.new("L", (180, 120), 0)
+    ImageDraw.Draw(mask).ellipse((40, 20, 140, 100), fill=255)
+    hat = Image.new("RGB", (100, 100), "white")
+    ImageDraw.Draw(hat).rectangle((20, 30, 80, 70), fill=(20, 20, 160))
+    paths = {}
+    for name, img in (("dog.png", dog), ("dog_mask.png", mask), ("hat.png", hat), ("hat2.png", hat.rotate(45))):
+        img.save(root / name)
+        paths[name] = root / name
+    return paths
+
+
+def run(args):
+    return main([str(a) for a in args])
+
+
+def test_generate_writes_the_requested_size_and_is_reproducible(tiny_models, pictures, tmp_path, capsys):
+    base = ["generate", "--models", tiny_models["root"], "--prompt", "a dog is wearing a hat",
+            "--subject", f"dog={pictures['dog.png']}:{pictures['dog_mask.png']}", "--subject", f"hat={pictures['hat.png']}",
+            "--canny", pictures["hat2.png"], "--steps", 2, "--width", 128, "--height", 64, "--seed", 3, "--quiet"]
+    assert run(base + ["--out", tmp_path / "a.png"]) == 0
+    assert run(base + ["--out", tmp_path / "b.png"]) == 0
+    assert run(base[:-3] + ["--seed", 4, "--quiet", "--out", tmp_path / "c.png"]) == 0
+    a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "abc")
+    assert a.shape == (64, 128, 3)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    out = capsys.readouterr().out
+    assert "'dog' → token 2; 'hat' → token 6" in out
+
+
+def test_generate_batch_writes_numbered_files_and_rounds_size(tiny_models, pictures, tmp_path):
+    assert run(["generate", "--models", tiny_models["root"], "--prompt", "a dog", "--subject", f"dog={pictures['dog.png']}",
+                "--batch", 2, "--steps", 1, "--width", 100, "--height", 64, "--quiet", "--out", tmp_path / "x.png"]) == 0
+    one, two = (Image.open(tmp_path / f"x_{i}.png") for i in (1, 2))
+    assert one.size == (128, 64) and two.size == (128, 64)
+
+
+def test_missing_weights_are_listed_with_folders_and_links(tmp_path, capsys):
+    code = run(["generate", "--models", tmp_path, "--prompt", "a dog"])
+    err = capsys.readouterr().err
+    assert code == 2
+    for expected in ("lambda_eclipse/Lambda-ECLIPSE-Prior-v1.0/diffusion_pytorch_model.safetensors",
+                     "lambda_eclipse/CLIP-ViT-bigG-14-laion2B-39B-b160k/open_clip_model.safetensors",
+                     "diffusers/kandinsky-2-2-decoder/model_index.json",
+                     "huggingface.co/ECLIPSE-Community/Lambda-ECLIPSE-Prior-v1.0",
+                     "huggingface.co/kandinsky-community/kandinsky-2-2-decoder"):
+        assert expected in err
+
+
+def test_explicit_paths_override_and_missing_explicit_path(tiny_models, tmp_path):
+    found = resolve_models(tmp_path, prior=tiny_models["prior"], clip=tiny_models["clip"], decoder=tiny_models["decoder"])
+    assert found["prior"] == tiny_models["prior"]
+    with pytest.raises(MissingModelsError, match="does not exist"):
+        resolve_models(tiny_models["root"], prior=tmp_path / "nope")
+
+
+def test_word_not_in_prompt_is_a_clean_error(tiny_models, pictures, capsys):
+    code = run(["generate", "--models", tiny_models["root"], "--prompt", "a cat", "--subject", f"dog={pictures['dog.png']}", "--quiet"])
+    assert code == 2 and "'dog' is not in the prompt" in capsys.readouterr().err
+
+
+def test_subject_argument_parsing(pictures):
+    assert parse_subject(f"dog={pictures['dog.png']}") == ("dog", str(pictures["dog.png"]), None)
+    assert parse_subject(f"teddy bear={pictures['dog.png']}:{pictures['dog_mask.png']}")[2] == str(pictures["dog_mask.png"])
+    with pytest.raises(InputError, match="WORD=IMAGE"):
+        parse_subject("dog.png")
+    with pytest.raises(InputError, match="does not exist"):
+        parse_subject("dog=nowhere.png")
+    with pytest.raises(InputError, match="mask file"):
+        parse_subject(f"dog={pictures['dog.png']}:nowhere.png")
+
+
+def test_interpolate_writes_the_grid(tiny_models, pictures, tmp_path):
+    d, h, h2 = pictures["dog.png"], pictures["hat.png"], pictures["hat2.png"]
+    out = tmp_path / "grid.png"
+    assert run(["interpolate", "--models", tiny_models["root"], "--prompt", "a dog is wearing a hat",
+                "--top-left", f"dog={d}", f"hat={h}", "--top-right", f"dog={d}", f"hat={h2}",
+                "--bottom-left", f"dog={h2}", f"hat={h}", "--bottom-right", f"dog={h2}", f"hat={h2}",
+                "--grid", 2, "--steps", 1, "--width", 64, "--height", 64, "--quiet", "--out", out]) == 0
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (192, 192, 3)
+    # Same decoder seed in every cell: the top-left cell equals a 1-corner decode of the same embedding,
+    # and the corners differ from each other because their subjects do.
+    assert not np.array_equal(grid[:64, :64], grid[:64, 128:])
+
+
+def test_check_passes(tmp_path, capsys):
+    assert run(["check", "--models", tmp_path, "--out", tmp_path / "noise.png"]) == 0
+    out = capsys.readouterr().out
+    assert "check passed" in out and "noise" in out and "Lambda-ECLIPSE-Prior-v1.0" in out
+    assert Image.open(tmp_path / "noise.png").size == (128, 64)
+    assert run(["check", "--models", tmp_path, "--strict"]) == 1
+
+
+def test_module_entry_point_help():
+    proc = subprocess.run([sys.executable, "-m", "lambda_eclipse", "generate", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "WORD=IMAGE[:MASK]" in proc.stdout
+
+
+def test_prior_noise_and_seeds_are_per_image(tiny_clip, tiny_prior):
+    assert seeds_for(5, 3) == [5, 6, 7]
+    with pytest.raises(InputError, match="one seed per image"):
+        seeds_for([1, 2], 3)
+    assert torch.equal(prior_noise([7, 8], 32)[1], prior_noise([8], 32)[0])
+    prompt = interleave_prompt(tiny_clip, "a dog", [])
+    blank = tiny_clip.blank_embedding()
+    batch = sample_prior(tiny_prior, prompt, blank, None, [1, 2, 3])
+    alone = sample_prior(tiny_prior, prompt, blank, None, [2])
+    assert batch.embeds.shape == (3, 32) and batch.negative.shape == (3, 32)
+    assert torch.allclose(batch.embeds[1], alone.embeds[0], atol=1e-6)
+    assert torch.equal(batch.negative[0], blank)
+    control = sample_prior(tiny_prior, prompt, blank, torch.ones(32), [2])
+    assert not torch.allclose(control.embeds, alone.embeds)
