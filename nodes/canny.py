@@ -44,7 +44,7 @@ class LambdaEclipseCannyCondition:
         first = image[0, ..., :3]
         edges = as_edge_map(first) if image_is_edge_map else canny_edges(first, low_threshold, high_threshold)
         embedding = control_embedding(clip.ready(), edges).float().reshape(1, -1)
-        preview = torch.from_numpy(np.ascontiguousarray(edges)).float().div(255.0)[None]
+        preview = torch.from_numpy(np.array(edges, dtype=np.float32, copy=True)).div(255.0)[None]
         device = comfy.intermediate_device()
         return (embedding.to(device), preview.to(device))
 
