@@ -1,0 +1,237 @@
+"""Static check of the bundled workflows against the nodes' own declarations (no ComfyUI needed)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from lambda_eclipse.core.paths import DEFAULT_LAYOUT
+from lambda_eclipse.nodes import NODE_CLASS_MAPPINGS
+from lambda_eclipse.nodes.assets import ASSETS_DIR, PREFIX
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+# ComfyUI core nodes the workflows may use, with what they declare (ComfyUI 0.3.x nodes.py).
+CORE_NODES = {
+    "LoadImage": {"sockets": [], "widgets": [("image", "COMBO", {}), ("upload", "UPLOAD", {})],
+                  "outputs": ["IMAGE", "MASK"], "output_names": ["IMAGE", "MASK"]},
+    "PreviewImage": {"sockets": [("images", "IMAGE", True)], "widgets": [], "outputs": [], "output_names": []},
+    "SaveImage": {"sockets": [("images", "IMAGE", True)], "widgets": [("filename_prefix", "STRING", {})],
+                  "outputs": [], "output_names": []},
+    "Note": {"sockets": [], "widgets": [("text", "STRING", {})], "outputs": [], "output_names": []},
+}
+LOADERS = {"LambdaEclipseLoadPrior": "prior", "LambdaEclipseLoadCLIP": "clip", "LambdaEclipseLoadDecoder": "decoder"}
+
+
+def declaration(node_type: str) -> dict:
+    """Sockets [(name, type, required)], widgets [(name, type or 'COMBO', options)] incl. control values, outputs."""
+    if node_type in CORE_NODES:
+        return CORE_NODES[node_type]
+    cls = NODE_CLASS_MAPPINGS[node_type]
+    spec = cls.INPUT_TYPES()
+    sockets, widgets = [], []
+    for section in ("required", "optional"):
+        for name, decl in spec.get(section, {}).items():
+            kind, options = decl[0], (decl[1] if len(decl) > 1 else {})
+            if isinstance(kind, list):
+                widgets.append((name, "COMBO", dict(options, choices=kind)))
+            elif kind in WIDGET_TYPES:
+                widgets.append((name, kind, options))
+                if options.get("control_after_generate"):
+                    widgets.append((name + ":control", "CONTROL", {}))
+            else:
+                sockets.append((name, kind, section == "required"))
+    return {"sockets": sockets, "widgets": widgets, "outputs": list(cls.RETURN_TYPES), "output_names": list(cls.RETURN_NAMES)}
+
+
+def ui_to_api(workflow: dict) -> dict:
+    """UI-format workflow → API-format prompt, using the declarations for widget names (Notes dropped)."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] == "Note" or node.get("mode", 0) in (2, 4):
+            continue
+        decl = declaration(node["type"])
+        inputs = {}
+        for (name, kind, options), value in zip(decl["widgets"], node.get("widgets_values", [])):
+            if kind not in ("CONTROL", "UPLOAD"):
+                inputs[name] = value
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                _, src, src_slot, *_ = links[slot["link"]]
+                inputs[slot["name"]] = [str(src), src_slot]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_the_five_workflows_ship_in_one_folder():
+    assert len(WORKFLOWS) == 5
+    assert not (REPO / "example_workflows").exists(), "ship workflows/ only (ComfyUI 404s one of two folders)"
+    for path in WORKFLOWS:
+        assert path.with_suffix(".jpg").is_file(), f"{path.name} has no thumbnail"
+        assert path.with_suffix(".jpg").stat().st_size < 300_000
+
+
+@pytest.fixture(params=WORKFLOWS, ids=lambda p: p.stem)
+def workflow(request):
+    return load(request.param)
+
+
+def test_ui_format(workflow):
+    for key in ("id", "revision", "last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version"):
+        assert key in workflow
+    assert workflow["version"] == 0.4
+    ids = [n["id"] for n in workflow["nodes"]]
+    assert len(set(ids)) == len(ids) and max(ids) <= workflow["last_node_id"]
+    assert max(link[0] for link in workflow["links"]) <= workflow["last_link_id"]
+
+
+def test_node_types_and_widgets(workflow):
+    for node in workflow["nodes"]:
+        kind = node["type"]
+        assert kind in NODE_CLASS_MAPPINGS or kind in CORE_NODES, f"unknown node type {kind}"
+        decl = declaration(kind)
+        values = node.get("widgets_values", [])
+        assert len(values) == len(decl["widgets"]), f"{kind} #{node['id']}: {values} vs {[w[0] for w in decl['widgets']]}"
+        for (name, wtype, options), value in zip(decl["widgets"], values):
+            where = f"{kind} #{node['id']} {name}={value!r}"
+            if wtype == "INT":
+                assert isinstance(value, int) and not isinstance(value, bool), where
+                assert options.get("min", value) <= value <= options.get("max", value), where
+                if "step" in options and kind.startswith("LambdaEclipse") and options["step"] > 1:
+                    assert value % options["step"] == 0, where
+            elif wtype == "FLOAT":
+                assert isinstance(value, (int, float)) and not isinstance(value, bool), where
+                assert options.get("min", value) <= value <= options.get("max", value), where
+            elif wtype == "STRING":
+                assert isinstance(value, str), where
+            elif wtype == "BOOLEAN":
+                assert isinstance(value, bool), where
+            elif wtype == "CONTROL":
+                assert value == "fixed", f"{where}: bundled workflows keep seeds fixed"
+            elif wtype == "UPLOAD":
+                assert value == "image", where
+            elif wtype == "COMBO" and kind in LOADERS and name.endswith("_name"):
+                assert value == Path(DEFAULT_LAYOUT[LOADERS[kind]]).name, f"{where}: use the README default name"
+            elif wtype == "COMBO" and kind != "LoadImage":
+                assert value in options["choices"], where
+
+
+def test_links_connect_matching_types(workflow):
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
+        out_type = declaration(nodes[src]["type"])["outputs"][src_slot]
+        socket = nodes[dst]["inputs"][dst_slot]
+        in_type = dict((n, t) for n, t, _ in declaration(nodes[dst]["type"])["sockets"])[socket["name"]]
+        assert out_type == kind == in_type == socket["type"], f"link {link_id}: {out_type} → {in_type} ({kind})"
+        assert socket["link"] == link_id
+        assert link_id in nodes[src]["outputs"][src_slot]["links"]
+    for node in workflow["nodes"]:
+        decl = declaration(node["type"])
+        names = [s["name"] for s in node.get("inputs", [])]
+        assert names == [n for n, _, _ in decl["sockets"]], f"{node['type']}: inputs {names}"
+        for name, _, required in decl["sockets"]:
+            slot = next(s for s in node["inputs"] if s["name"] == name)
+            if required:
+                assert slot["link"] is not None, f"{node['type']} #{node['id']}: required input {name} is not connected"
+        for i, output in enumerate(node.get("outputs", [])):
+            assert output["type"] == decl["outputs"][i] and output["name"] == decl["output_names"][i]
+
+
+def _strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def test_no_absolute_paths(workflow):
+    for text in _strings(workflow):
+        assert not re.match(r"^(/|~|[A-Za-z]:[\\/]|\\\\)", text), f"absolute path in workflow: {text!r}"
+        assert "/work/" not in text and "/home/" not in text and "/tmp/" not in text
+
+
+def test_images_ship_in_assets(workflow):
+    loads = [n for n in workflow["nodes"] if n["type"] == "LoadImage"]
+    assert loads
+    for node in loads:
+        name = node["widgets_values"][0]
+        assert name.startswith(PREFIX) and "/" not in name
+        asset = ASSETS_DIR / name[len(PREFIX):]
+        assert asset.is_file(), f"{name}: {asset} is missing"
+        assert asset.stat().st_size < 300_000
+
+
+def test_loaders_carry_download_info(workflow):
+    seen = set()
+    for node in workflow["nodes"]:
+        if node["type"] in LOADERS:
+            seen.add(node["type"])
+            models = node["properties"]["models"]
+            assert models
+            for model in models:
+                assert set(model) == {"name", "url", "directory"}
+                assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith(".safetensors")
+                assert model["name"].startswith(node["widgets_values"][0] + "/")
+                assert DEFAULT_LAYOUT[LOADERS[node["type"]]] == f"{model['directory']}/{node['widgets_values'][0]}"
+    assert seen == set(LOADERS)
+
+
+def test_a_note_explains_what_to_change(workflow):
+    notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
+    assert notes and "change" in notes[0]["widgets_values"][0].lower()
+
+
+def test_subject_words_are_in_their_prompts(workflow):
+    """Follow each Interleave Prompt's subjects chain: every word must be a whole word of the prompt."""
+    api = ui_to_api(workflow)
+    for node in api.values():
+        if node["class_type"] != "LambdaEclipseInterleavePrompt":
+            continue
+        words = re.findall(r"[\w'-]+", node["inputs"]["text"].lower())
+        link = node["inputs"].get("subjects")
+        chain = []
+        while link:
+            subject = api[link[0]]
+            chain.append(subject["inputs"]["word"])
+            link = subject["inputs"].get("subjects")
+        assert chain, "every bundled prompt uses at least one subject"
+        for word in chain:
+            assert word in words, f"{word!r} not in {node['inputs']['text']!r}"
+
+
+def test_api_conversion_keeps_every_input(workflow):
+    api = ui_to_api(workflow)
+    for node in api.values():
+        if node["class_type"] in NODE_CLASS_MAPPINGS:
+            spec = NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()
+            assert set(spec["required"]) <= set(node["inputs"]), node
+
+
+def test_expected_content():
+    by_name = {p.stem: load(p) for p in WORKFLOWS}
+    prompts = {
+        name: [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "LambdaEclipseInterleavePrompt"]
+        for name, wf in by_name.items()
+    }
+    assert prompts["lambda_eclipse_1_single_subject"] == ["a cat on top of the snow mountain"]
+    assert prompts["lambda_eclipse_2_two_subjects"] == ["a cat wearing glasses at a park"]
+    assert prompts["lambda_eclipse_4_canny_layout"] == ["a dog is surfing"]
+    assert set(prompts["lambda_eclipse_5_interpolation_grid"]) == {"a dog is wearing a hat"}
+    canny = by_name["lambda_eclipse_4_canny_layout"]
+    assert any(n["type"] == "LambdaEclipseCannyCondition" for n in canny["nodes"])
+    grid = next(n for n in by_name["lambda_eclipse_5_interpolation_grid"]["nodes"] if n["type"] == "LambdaEclipseEmbeddingGrid")
+    assert grid["widgets_values"][0] >= 2  # 3×3 or larger
