@@ -1,0 +1,195 @@
+"""python -m lambda_eclipse.trainer extract|train|eval|export …  (see TRAINING.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+
+def _bool(v: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def _opt_int(v: str):
+    return None if str(v).lower() in ("none", "null", "") else int(v)
+
+
+def load_config_file(path: str) -> dict:
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: expected a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lambda_eclipse.trainer",
+        description="Train the λ-ECLIPSE prior: extract CLIP features once, train (Eq. 1), evaluate, export for Load Prior. "
+                    "Every command takes --config FILE.yaml|json with the same option names (dashes or underscores); "
+                    "flags given on the command line override the file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    e = sub.add_parser("extract", help="CLIP features of a dataset → sharded feature folder (resumable)", formatter_class=fmt)
+    e.add_argument("--config", help="YAML/JSON file of options (CLI flags override)")
+    e.add_argument("--clip", help="OpenCLIP folder (open_clip_config.json + weights) or bigG checkpoint file; the same CLIP the prior will be used with")
+    e.add_argument("--out", help="feature folder to write (rerun with the same arguments to resume)")
+    e.add_argument("--manifest", help="JSONL manifest: {image, caption, subjects:[{word, mask|box|polygon|rle}]} per line, paths relative to the file")
+    e.add_argument("--coco-captions", help="COCO captions_*.json (instead of --manifest)")
+    e.add_argument("--coco-instances", help="COCO instances_*.json with polygons/RLE and category names")
+    e.add_argument("--coco-images", help="folder of the COCO images")
+    e.add_argument("--shard-size", type=int, default=4096, help="records per shard (unit of resume and of multi-process work)")
+    e.add_argument("--batch-size", type=int, default=64, help="examples per CLIP forward batch")
+    e.add_argument("--device", default=None, help="cpu / cuda:N; default: the process's accelerate device")
+    e.add_argument("--dtype", default="fp32", help="CLIP compute dtype: fp32, fp16, bf16 (features are stored as fp16 anyway)")
+    e.add_argument("--subject-fit", default="pad", choices=["pad", "crop"], help="subject crop: pad to a white square (keeps all of it) or let CLIP centre-crop")
+    e.add_argument("--canny-low", type=float, default=100, help="Canny low threshold for the edge token")
+    e.add_argument("--canny-high", type=float, default=200, help="Canny high threshold")
+    e.add_argument("--min-box-area", type=float, default=0.08, help="skip a subject whose mask box covers less of the image (paper: 0.08)")
+    e.add_argument("--max-box-area", type=float, default=0.7, help="skip a subject whose mask box covers more (paper: 0.7)")
+    e.add_argument("--min-mask-fill", type=float, default=0.4, help="skip a subject whose mask fills less of its box (paper: 0.4)")
+    e.add_argument("--max-subjects", type=int, default=4, help="skip an example with more valid subjects (paper: 4)")
+    e.add_argument("--min-subjects", type=int, default=1, help="skip an example with fewer valid subjects")
+    e.add_argument("--limit", type=_opt_int, default=None, help="use only the first N records (smoke runs)")
+    e.add_argument("--progress", type=_bool, default=True, help="progress bar with rate and ETA")
+
+    t = sub.add_parser("train", help="train the prior on extracted features", formatter_class=fmt)
+    t.add_argument("--config", help="YAML/JSON file of options (CLI flags override)")
+    t.add_argument("--data", help="feature folder from `extract`")
+    t.add_argument("--out", help="run folder: checkpoints/, metrics.csv, tensorboard/, curves.png")
+    t.add_argument("--val-data", default=None, help="separate feature folder for evaluation (else --val-fraction of --data is held out)")
+    t.add_argument("--val-fraction", type=float, default=0.05, help="fraction of --data held out by a fixed hash of the example index")
+    t.add_argument("--model", default="paper", help="architecture: 'paper' (1280-d, 10 layers, 34.8M), 'tiny' (32-d test size), or a config.json")
+    t.add_argument("--init-from", default=None, help="published/exported prior (folder or .safetensors) to fine-tune from")
+    t.add_argument("--max-steps", type=int, default=100_000, help="optimizer steps (paper: ~100k)")
+    t.add_argument("--batch-size", type=int, default=1024, help="GLOBAL micro-batch over all processes (paper: 2×512); must divide by the process count")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (contrastive negatives stay within a micro-batch)")
+    t.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (paper: 5e-5)")
+    t.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr as a fraction of the peak")
+    t.add_argument("--warmup-steps", type=int, default=500, help="linear warmup steps")
+    t.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"], help="decay after warmup")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    t.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    t.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
+    t.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
+    t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    t.add_argument("--lam", type=float, default=0.2, help="λ of Eq. 1: weight of the contrastive term (paper: 0.2)")
+    t.add_argument("--temperature", type=float, default=0.07, help="τ of the contrastive term")
+    t.add_argument("--similarity", default="cosine", choices=["cosine", "dot"], help="⟨ẑ_x, z_y⟩: cosine (normalised) or raw inner product")
+    t.add_argument("--mse-reduction", default="mean", choices=["mean", "sum"], help="projection loss: mean over elements, or sum over the embedding")
+    t.add_argument("--edge-drop", type=float, default=0.01, help="probability of replacing the edge token by the blank embedding (paper: 1%%)")
+    t.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast through accelerate (bf16 works on CPU)")
+    t.add_argument("--seed", type=int, default=0, help="seed of init, data order, noise and dropout")
+    t.add_argument("--deterministic", type=_bool, default=False, help="deterministic kernels (bit-exact resume on GPU)")
+    t.add_argument("--cpu", type=_bool, default=False, help="force CPU even if a GPU is present")
+    t.add_argument("--log-every", type=int, default=50, help="steps between training-metric rows")
+    t.add_argument("--eval-every", type=int, default=1000, help="steps between held-out evaluations")
+    t.add_argument("--eval-batch-size", type=int, default=256, help="eval batch (retrieval is among this many)")
+    t.add_argument("--eval-max-batches", type=_opt_int, default=20, help="cap on eval batches per evaluation (none = all)")
+    t.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
+    t.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (older ones deleted)")
+    t.add_argument("--resume", default="auto", help="'auto' (latest in --out), 'none', or a checkpoint folder")
+    t.add_argument("--shuffle-shards", type=int, default=8, help="shards shuffled together (memory vs randomness)")
+    t.add_argument("--prefetch", type=int, default=2, help="batches prepared ahead in a thread (0 = off)")
+    t.add_argument("--verify-shards", type=_bool, default=True, help="check each shard's sha256 when loading it")
+    t.add_argument("--tensorboard", type=_bool, default=True, help="also log to --out/tensorboard")
+
+    v = sub.add_parser("eval", help="metrics of a checkpoint/run/exported prior on features", formatter_class=fmt)
+    v.add_argument("--config", help="YAML/JSON file of options (CLI flags override)")
+    v.add_argument("--checkpoint", help="checkpoint folder, run folder (latest checkpoint) or exported prior")
+    v.add_argument("--data", help="feature folder")
+    v.add_argument("--all", type=_bool, default=False, help="evaluate on all of --data instead of its held-out split")
+    v.add_argument("--val-fraction", type=float, default=0.05, help="as in training, to select the same held-out split")
+    v.add_argument("--eval-batch-size", type=int, default=256, help="retrieval batch")
+    v.add_argument("--eval-max-batches", type=_opt_int, default=None, help="cap on batches")
+    v.add_argument("--lam", type=float, default=0.2, help="λ for the reported loss")
+    v.add_argument("--temperature", type=float, default=0.07, help="τ for the reported loss")
+    v.add_argument("--similarity", default="cosine", choices=["cosine", "dot"], help="similarity for the reported loss")
+    v.add_argument("--seed", type=int, default=0, help="seed of the eval noise")
+
+    x = sub.add_parser("export", help="checkpoint → prior that the Load Prior node reads", formatter_class=fmt)
+    x.add_argument("--config", help="YAML/JSON file of options (CLI flags override)")
+    x.add_argument("--checkpoint", help="checkpoint folder or run folder (latest checkpoint)")
+    x.add_argument("--out", help="output: a folder (config.json + diffusion_pytorch_model.safetensors) or, with --single-file, a .safetensors")
+    x.add_argument("--single-file", type=_bool, default=False, help="one .safetensors with the config in its metadata")
+    x.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
+    return p
+
+
+def parse(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        values = load_config_file(args.config)
+        subparser = parser._subparsers._group_actions[0].choices[args.command]
+        known = {a.dest for a in subparser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SystemExit(f"{args.config}: unknown options for {args.command}: {unknown}")
+        subparser.set_defaults(**values)
+        args = parser.parse_args(argv)
+    return args
+
+
+def _require(args, *names):
+    missing = [n for n in names if not getattr(args, n, None)]
+    if missing:
+        raise SystemExit(f"{args.command}: missing " + ", ".join("--" + m.replace("_", "-") for m in missing))
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse(argv)
+    d = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    if args.command == "extract":
+        from .data import FilterConfig
+        from .extract import ExtractConfig, run_extract
+
+        _require(args, "clip", "out")
+        filters = FilterConfig(*(d.pop(k) for k in ("min_box_area", "max_box_area", "min_mask_fill", "max_subjects", "min_subjects")))
+        index = run_extract(ExtractConfig(filters=filters, **d))
+        if index:
+            print(json.dumps({"examples": index["examples"], "records": index["records"], "bytes_per_example": index["bytes_per_example"],
+                              "skipped": index["skipped"]}, indent=2))
+    elif args.command == "train":
+        from .train import TrainConfig, run_train
+
+        _require(args, "data", "out")
+        result = run_train(TrainConfig(**d))
+        result.pop("model", None)
+        print(json.dumps(result, indent=2, default=str))
+    elif args.command == "eval":
+        from .train import TrainConfig, run_eval
+
+        _require(args, "checkpoint", "data")
+        cfg = TrainConfig(val_fraction=d["val_fraction"], eval_batch_size=d["eval_batch_size"],
+                          eval_max_batches=d["eval_max_batches"], lam=d["lam"], temperature=d["temperature"],
+                          similarity=d["similarity"], seed=d["seed"])
+        print(json.dumps(run_eval(d["checkpoint"], d["data"], cfg, all_data=d["all"]), indent=2))
+    elif args.command == "export":
+        from .train import export
+
+        _require(args, "checkpoint", "out")
+        print(export(d["checkpoint"], d["out"], d["single_file"], d["dtype"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
