@@ -226,10 +226,18 @@ def auto_dtype(kind: str) -> torch.dtype:
     mm = model_management()
     if kind == "prior" or mm is None:
         return torch.float32
+    plain = (torch.float16, torch.bfloat16, torch.float32)
     if kind == "clip":
-        return mm.text_encoder_dtype(mm.text_encoder_device())
+        # ComfyUI's own text encoders compute through casting ops; open_clip runs in its weight dtype, so
+        # no fp16 on a CPU and no fp8 anywhere.
+        device = mm.text_encoder_device()
+        if mm.is_device_cpu(device):
+            return torch.float32
+        chosen = mm.text_encoder_dtype(device)
+        return chosen if chosen in plain else torch.float16
     if kind == "decoder":
-        return mm.unet_dtype()
+        chosen = mm.unet_dtype(mm.get_torch_device(), supported_dtypes=list(plain))
+        return chosen if chosen in plain else torch.float16
     return torch.float32
 
 
