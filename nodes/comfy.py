@@ -268,7 +268,14 @@ def load_models(patchers: Iterable) -> None:
     patchers = [p for p in patchers if p is not None]
     mm = model_management()
     if mm is not None and patchers:
-        mm.load_models_gpu(patchers)
+        # Full loads only: our modules are plain torch, not comfy.ops, so a partial (lowvram) load would leave
+        # weights on the CPU that nothing casts over.
+        import inspect
+
+        if "force_full_load" in inspect.signature(mm.load_models_gpu).parameters:
+            mm.load_models_gpu(patchers, force_full_load=True)
+        else:  # a ComfyUI older than the argument
+            mm.load_models_gpu(patchers)
 
 
 # -- progress and interrupt -------------------------------------------------------------------------------
