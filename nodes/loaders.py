@@ -83,6 +83,14 @@ def _cached(kind: str, path: Path, dtype, name: str, load) -> Loaded:
     return loaded
 
 
+def _changed(folders, name) -> str:
+    """IS_CHANGED: ComfyUI reruns the loader (and so reloads) when the file behind the name changes."""
+    try:
+        return repr(comfy.model_signature(comfy.resolve_model(folders, name, "model", "")))
+    except Exception:  # a missing file: let the loader itself raise its message
+        return ""
+
+
 def _dtype_input(what: str):
     return (DTYPES, {"default": "auto", "tooltip": f"Weight precision of the {what}. auto = ComfyUI's choice for this machine "
                      "(fp32 for the small prior; fp16/bf16 on GPUs that support them)."})
@@ -108,6 +116,10 @@ class LambdaEclipseLoadPrior:
                                    f"{SPECS['prior'].url} into models/lambda_eclipse/Lambda-ECLIPSE-Prior-v1.0/."}),
             "dtype": _dtype_input("prior"),
         }}
+
+    @classmethod
+    def IS_CHANGED(cls, prior_name, dtype="auto"):
+        return _changed(PRIOR_FOLDERS, prior_name)
 
     def load(self, prior_name, dtype="auto"):
         from ..core.prior import load_prior
@@ -146,6 +158,10 @@ class LambdaEclipseLoadCLIP:
             "dtype": _dtype_input("CLIP"),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, clip_name, dtype="auto"):
+        return _changed(CLIP_FOLDERS, clip_name)
+
     def load(self, clip_name, dtype="auto"):
         from ..core.clip import load_clip
 
@@ -179,6 +195,10 @@ class LambdaEclipseLoadDecoder:
                                      f"{SPECS['decoder'].url} into models/diffusers/kandinsky-2-2-decoder/."}),
             "dtype": _dtype_input("decoder"),
         }}
+
+    @classmethod
+    def IS_CHANGED(cls, decoder_name, dtype="auto"):
+        return _changed(DECODER_FOLDERS, decoder_name)
 
     def load(self, decoder_name, dtype="auto"):
         from ..core.decoder import load_decoder

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..core.interleave import interleave_prompt
+from . import comfy
 
 
 class LambdaEclipseInterleavePrompt:
@@ -33,6 +36,9 @@ class LambdaEclipseInterleavePrompt:
 
     def interleave(self, clip, text, subjects=None):
         prompt = interleave_prompt(clip.ready(), text, list(subjects or ()))
+        device = comfy.intermediate_device()  # cached outputs must not hold GPU memory
+        prompt = replace(prompt, pooled=prompt.pooled.to(device), tokens=prompt.tokens.to(device),
+                         mask=prompt.mask.to(device), ids=prompt.ids.to(device))
         return (prompt, prompt.describe())
 
 

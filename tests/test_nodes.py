@@ -155,6 +155,10 @@ def test_loaders_cache_and_reload_on_change(models, tmp_path):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     d, = node("LambdaEclipseLoadPrior").load("single_prior.safetensors", "auto")
     assert d is not c
+    changed = NODE_CLASS_MAPPINGS["LambdaEclipseLoadPrior"].IS_CHANGED("single_prior.safetensors", "auto")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+    assert NODE_CLASS_MAPPINGS["LambdaEclipseLoadPrior"].IS_CHANGED("single_prior.safetensors", "auto") != changed
+    assert NODE_CLASS_MAPPINGS["LambdaEclipseLoadPrior"].IS_CHANGED("gone.safetensors", "auto") == ""
     bf, = node("LambdaEclipseLoadPrior").load(PRIOR, "bf16")
     assert bf.model.proj_in.weight.dtype == torch.bfloat16
 
@@ -239,6 +243,7 @@ def test_interleave_prompt_and_report(loaded):
     prompt, report = node("LambdaEclipseInterleavePrompt").interleave(clip, "a cat wearing glasses at a park", subjects)
     assert prompt.tokens.shape == (1, 77, 32)
     assert "'cat' → token 2" in report and "'glasses' → token 4" in report
+    assert prompt.tokens.device == comfy.intermediate_device()
     torch.testing.assert_close(prompt.tokens[0, 2], subjects[0].embedding)
     plain, report = node("LambdaEclipseInterleavePrompt").interleave(clip, "a cat", None)
     assert "no subject" in report

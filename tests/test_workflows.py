@@ -235,3 +235,16 @@ def test_expected_content():
     assert any(n["type"] == "LambdaEclipseCannyCondition" for n in canny["nodes"])
     grid = next(n for n in by_name["lambda_eclipse_5_interpolation_grid"]["nodes"] if n["type"] == "LambdaEclipseEmbeddingGrid")
     assert grid["widgets_values"][0] >= 2  # 3×3 or larger
+
+
+def test_workflows_match_their_builder(tmp_path):
+    """workflows/_build.py makes them from the declarations: the shipped JSON must be what it makes today."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lambda_eclipse_workflow_build", REPO / "workflows" / "_build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    build.main(tmp_path, thumbnails=False)
+    for path in WORKFLOWS:
+        assert (tmp_path / path.name).read_text(encoding="utf-8") == path.read_text(encoding="utf-8"), (
+            f"{path.name} is stale: run python workflows/_build.py")

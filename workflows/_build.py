@@ -287,12 +287,16 @@ def thumbnail(workflow: dict, path: Path, size=(640, 400)):
     image.save(path, quality=85)
 
 
-def main():
+def render(name: str, graph: Graph) -> str:
+    return json.dumps(graph.to_json(), indent=1, ensure_ascii=False) + "\n"
+
+
+def main(out: Path = HERE, thumbnails: bool = True):
     for name, graph in build().items():
-        data = graph.to_json()
-        (HERE / f"{name}.json").write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        thumbnail(data, HERE / f"{name}.jpg")
-        print(name, len(data["nodes"]), "nodes")
+        text = render(name, graph)
+        (out / f"{name}.json").write_text(text, encoding="utf-8")
+        if thumbnails:
+            thumbnail(json.loads(text), out / f"{name}.jpg")
 
 
 if __name__ == "__main__":
