@@ -28,10 +28,16 @@ _cancel = threading.Event()
 
 # -- is ComfyUI here? --------------------------------------------------------------------------------
 
+_ABSENT: set[str] = set()
+
+
 def _import(name: str):
+    if name in _ABSENT:  # outside ComfyUI this is asked once per decode step: don't search sys.path each time
+        return None
     try:
         return __import__(name, fromlist=["_"])
     except Exception:  # any failure means "not inside ComfyUI"; never break the caller
+        _ABSENT.add(name)
         return None
 
 

@@ -445,3 +445,16 @@ def test_node_errors_are_json_safe_messages(loaded):
         node("LambdaEclipseInterleavePrompt").interleave(clip, "a dog", encode(clip, "cat"))
     except InterleaveError as exc:
         assert json.loads(json.dumps(str(exc))) and "Change the subject word or the prompt" in str(exc)
+
+
+def test_model_holder_takes_a_device_attribute(loaded):
+    """ModelPatcher sets `.device` on what it wraps; diffusers models refuse it, the holder must not."""
+    decoder = loaded[2].model
+    holder = comfy.ModelHolder(unet=decoder.unet, movq=decoder.movq)
+    holder.device = torch.device("cpu")
+    assert holder.unet is decoder.unet
+    assert sum(p.numel() for p in holder.parameters()) == sum(
+        p.numel() for m in (decoder.unet, decoder.movq) for p in m.parameters())
+    with pytest.raises(AttributeError):
+        decoder.unet.device = torch.device("cpu")
+    assert comfy.make_patcher("decoder", unet=decoder.unet) is None  # outside ComfyUI nothing is managed
