@@ -25,6 +25,10 @@ CORE_NODES = {
 }
 MODEL_NAMES = {key: Path(DEFAULT_LAYOUT[key]).name for key in DEFAULT_LAYOUT}
 HF = {key: SPECS[key].url for key in SPECS}
+# Entries name a *file inside* the model folder, so an existence check by file name is exact (ComfyUI lists
+# files, never folders). Frontend 1.27 only considers entries whose name equals a widget value, which a folder
+# name cannot be without a false "missing" every time; so there these entries stay quiet, and the Note says
+# where each model goes.
 MODELS = {
     "LambdaEclipseLoadPrior": [{
         "name": f"{MODEL_NAMES['prior']}/diffusion_pytorch_model.safetensors",
