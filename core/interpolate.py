@@ -1,4 +1,4 @@
-"""Blending embeddings: lerp, norm-aware slerp, and the paper's 4-corner bilinear grid."""
+"""Combining embeddings: lerp, norm-aware slerp, the paper's 4-corner bilinear grid, and the average of several photos."""
 
 from __future__ import annotations
 
@@ -62,3 +62,16 @@ def bilinear_grid(top_left, top_right, bottom_left, bottom_right, steps: int, mo
         for c in range(steps + 1):
             rows.append(blend(left, right, c / steps, mode))
     return torch.stack(rows)
+
+
+def average_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
+    """Normalised mean of [N,E]: mean of the unit directions, rescaled to the mean norm (one photo: unchanged).
+
+    A plain mean would shrink the result when the photos disagree; CLIP embeddings carry meaning in
+    their direction and the prior was trained on single-photo norms, so the mean norm is kept.
+    """
+    if embeddings.shape[0] == 1:
+        return embeddings[0]
+    norms = embeddings.norm(dim=-1, keepdim=True)
+    direction = (embeddings / norms.clamp_min(1e-12)).mean(0)
+    return direction / direction.norm().clamp_min(1e-12) * norms.mean()

@@ -7,23 +7,11 @@ import logging
 import torch
 
 from ..core.errors import InputError
+from ..core.interpolate import average_embeddings
 from ..core.interleave import Subject
 from . import comfy
 
 log = logging.getLogger("lambda_eclipse")
-
-
-def average_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
-    """Normalised mean of [N,E]: mean of the unit directions, rescaled to the mean norm (one photo: unchanged).
-
-    A plain mean would shrink the result when the photos disagree; CLIP embeddings carry meaning in
-    their direction and the prior was trained on single-photo norms, so the mean norm is kept.
-    """
-    if embeddings.shape[0] == 1:
-        return embeddings[0]
-    norms = embeddings.norm(dim=-1, keepdim=True)
-    direction = (embeddings / norms.clamp_min(1e-12)).mean(0)
-    return direction / direction.norm().clamp_min(1e-12) * norms.mean()
 
 
 def _check_mask(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -22,7 +22,7 @@ from lambda_eclipse.core.errors import (
 from lambda_eclipse.core.paths import DEFAULT_LAYOUT
 from lambda_eclipse.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy, loaders
 from lambda_eclipse.nodes.assets import asset_files, input_name, install_assets
-from lambda_eclipse.nodes.subjects import average_embeddings
+from lambda_eclipse.core.interpolate import average_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
 PRIOR = Path(DEFAULT_LAYOUT["prior"]).name
