@@ -62,14 +62,15 @@ class KandinskyDecoder:
         return self.unet.dtype
 
     def to(self, device=None, dtype=None) -> "KandinskyDecoder":
-        kwargs = {}
-        if device is not None:
-            kwargs["device"] = torch.device(device)
-        if dtype is not None:
-            kwargs["dtype"] = resolve_dtype(dtype)
-        if kwargs:
-            self.unet.to(**kwargs)
-            self.movq.to(**kwargs)
+        for module in (self.unet, self.movq):
+            kwargs = {}
+            if device is not None:
+                kwargs["device"] = torch.device(device)
+            # Only when it changes: diffusers' ModelMixin.to() logs a (misleading) warning for every dtype argument.
+            if dtype is not None and resolve_dtype(dtype) != module.dtype:
+                kwargs["dtype"] = resolve_dtype(dtype)
+            if kwargs:
+                module.to(**kwargs)
         return self
 
     @property
@@ -431,7 +432,8 @@ def decode(
         log.warning("The MoVQ decode overflowed in %s; decoding again in fp32.", image.dtype)
         image = _decode_fp32(movq, latents)
 
-    with torch.inference_mode():
+    # Outside inference mode, so the caller gets an ordinary tensor it may modify in place.
+    with torch.no_grad():
         image = image * 0.5 + 0.5
         image = image.clamp(0, 1)
         return image.cpu().permute(0, 2, 3, 1).float().contiguous()

@@ -244,6 +244,8 @@ def test_output_contract_fp32(decoder, embeds):
     assert out.shape == (3, 128, 64, 3)
     assert out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous()
     assert out.min() >= 0 and out.max() <= 1
+    assert not torch.is_inference(out)
+    out.mul_(255)  # an ordinary tensor: the caller may change it in place
 
 
 def test_fp16_nonfinite_decode_falls_back_to_fp32(tiny_dir, embeds, monkeypatch, caplog):
