@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lam", type=float, default=0.2, help="λ of Eq. 1: weight of the contrastive term (paper: 0.2)")
     t.add_argument("--temperature", type=float, default=0.07, help="τ of the contrastive term")
     t.add_argument("--similarity", default="cosine", choices=["cosine", "dot"], help="⟨ẑ_x, z_y⟩: cosine (normalised) or raw inner product")
-    t.add_argument("--mse-reduction", default="mean", choices=["mean", "sum"], help="projection loss: mean over elements, or sum over the embedding")
+    t.add_argument("--mse-reduction", default="sum", choices=["mean", "sum"], help="projection loss: sum over the embedding, mean over the batch (the ‖·‖² of Eq. 1, default), or mean over all elements")
     t.add_argument("--edge-drop", type=float, default=0.01, help="probability of replacing the edge token by the blank embedding (paper: 1%%)")
     t.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast through accelerate (bf16 works on CPU)")
     t.add_argument("--seed", type=int, default=0, help="seed of init, data order, noise and dropout")

@@ -24,7 +24,7 @@ def similarity_logits(pred: torch.Tensor, text: torch.Tensor, similarity: str, t
 
 
 def prior_loss(pred, target, text_global, row_offset: int, lam: float = 0.2, temperature: float = 0.07,
-               similarity: str = "cosine", mse_reduction: str = "mean") -> dict[str, torch.Tensor]:
+               similarity: str = "cosine", mse_reduction: str = "sum") -> dict[str, torch.Tensor]:
     """Rows = this process's predictions; columns = pooled text of the whole global batch.
 
     Eq. 1 is one-directional (softmax over texts j for each prediction i). Using the global batch for

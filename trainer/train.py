@@ -55,7 +55,7 @@ class TrainConfig:
     lam: float = 0.2
     temperature: float = 0.07
     similarity: str = "cosine"
-    mse_reduction: str = "mean"
+    mse_reduction: str = "sum"
     edge_drop: float = 0.01
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 0
