@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -293,8 +294,9 @@ def load_decoder(
 def round_size(width: int, height: int, multiple: int = 64) -> tuple[int, int, bool]:
     """Round up to `multiple` as diffusers does (latent = ceil(size/64)*8); returns (w, h, changed)."""
     for name, value in (("width", width), ("height", height)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise InputError(f"{name} must be a positive whole number of pixels; got {value!r}.")
+    width, height = int(width), int(height)
     w = math.ceil(width / multiple) * multiple
     h = math.ceil(height / multiple) * multiple
     return w, h, (w, h) != (width, height)
@@ -322,14 +324,14 @@ def _check_embeds(embeds, expected_dim: int, name: str) -> torch.Tensor:
 def _seed_list(seeds: Sequence[int] | int, batch: int) -> list[int]:
     if isinstance(seeds, bool):
         raise InputError(f"seeds must be an int or a list of ints; got {seeds!r}.")
-    if isinstance(seeds, int):
-        return [(seeds + i) % 2**64 for i in range(batch)]
+    if isinstance(seeds, numbers.Integral):
+        return [(int(seeds) + i) % 2**64 for i in range(batch)]
     seeds = list(seeds)
     if len(seeds) != batch:
         raise InputError(f"Got {len(seeds)} seeds for {batch} images; give one seed per image (or a single int).")
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds):
         raise InputError(f"seeds must be whole numbers; got {seeds!r}.")
-    return [s % 2**64 for s in seeds]
+    return [int(s) % 2**64 for s in seeds]
 
 
 def decode(
@@ -368,8 +370,9 @@ def decode(
             raise InputError(
                 f"negative_embeds has batch {negative_embeds.shape[0]}; it must be 1 or {batch} (the image_embeds batch)."
             )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise InputError(f"steps must be a whole number ≥ 1; got {steps!r}.")
+    steps = int(steps)
     seed_list = _seed_list(seeds, batch)
 
     scale = decoder.movq_scale_factor
