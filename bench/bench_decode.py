@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+
+from _machine import machine_info, sync
 
 try:
     from lambda_eclipse.core.decoder import KandinskyDecoder, decode
@@ -52,36 +52,6 @@ REAL_MOVQ_CONFIG = dict(
     sample_size=32, scaling_factor=0.18215, up_block_types=["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3,
     vq_embed_dim=4,
 )
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import diffusers
-
-    info = {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        info["loadavg_1m"] = os.getloadavg()[0]
-    except OSError:
-        pass
-    return info
-
-
-def sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build(real: bool, device: torch.device, dtype: torch.dtype) -> KandinskyDecoder:

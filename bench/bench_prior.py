@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+
+from _machine import machine_info, sync
 
 try:
     from lambda_eclipse.core.loading import resolve_dtype
@@ -37,36 +37,6 @@ KANDINSKY22_PRIOR_SCHEDULER = dict(
     num_train_timesteps=1000, clip_sample=True, clip_sample_range=10.0, prediction_type="sample",
     variance_type="fixed_small_log",
 )
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import diffusers
-
-    info = {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        info["loadavg_1m"] = os.getloadavg()[0]
-    except OSError:
-        pass
-    return info
-
-
-def sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device) -> float:
