@@ -105,12 +105,25 @@ def make_tiny_decoder_components(seed: int = 0):
 
 
 def write_tiny_decoder(folder: str | Path, seed: int = 0) -> Path:
-    """A kandinsky-2-2-decoder-layout folder (model_index.json, unet/, movq/, scheduler/)."""
-    from diffusers import KandinskyV22Pipeline
+    """A kandinsky-2-2-decoder-layout folder (model_index.json, unet/, movq/, scheduler/).
+
+    Written component by component: constructing diffusers' KandinskyV22Pipeline needs `transformers`,
+    which the decoder itself does not.
+    """
+    import diffusers
 
     folder = Path(folder)
     unet, movq, scheduler = make_tiny_decoder_components(seed)
-    KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq).save_pretrained(str(folder))
+    unet.save_pretrained(str(folder / "unet"))
+    movq.save_pretrained(str(folder / "movq"))
+    scheduler.save_pretrained(str(folder / "scheduler"))
+    write_json_atomic({
+        "_class_name": "KandinskyV22Pipeline",
+        "_diffusers_version": diffusers.__version__,
+        "movq": ["diffusers", "VQModel"],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+    }, folder / "model_index.json")
     return folder
 
 
