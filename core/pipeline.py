@@ -95,14 +95,27 @@ def sample_prior(
     return Embeds(out.float(), negative.to(out.device).clone(), seeds)
 
 
-def encode_subjects(clip: ClipEncoder, subjects: Sequence[SubjectInput], fit: str = "crop") -> list[Subject]:
+def encode_subjects(
+    clip: ClipEncoder, subjects: Sequence[SubjectInput], fit: str = "crop", cache: dict | None = None
+) -> list[Subject]:
+    """Subject photos → embeddings. `cache` lets several calls share the encoding of the same photo and mask."""
     from PIL import Image
+
+    def key(source):
+        return str(source) if isinstance(source, (str, Path)) else id(source)
 
     out = []
     for s in subjects:
-        image = Image.open(s.image) if isinstance(s.image, (str, Path)) else s.image
-        mask = Image.open(s.mask) if isinstance(s.mask, (str, Path)) else s.mask
-        out.append(Subject(s.word, clip.encode_subject(image, mask, fit), s.weight))
+        cache_key = (key(s.image), key(s.mask), fit)
+        if cache is None or cache_key not in cache:
+            image = Image.open(s.image) if isinstance(s.image, (str, Path)) else s.image
+            mask = Image.open(s.mask) if isinstance(s.mask, (str, Path)) else s.mask
+            embedding = clip.encode_subject(image, mask, fit)
+            if cache is not None:
+                cache[cache_key] = embedding
+        else:
+            embedding = cache[cache_key]
+        out.append(Subject(s.word, embedding, s.weight))
     return out
 
 
@@ -186,8 +199,9 @@ def interpolation_grid(
     clip = models.clip
     blank = clip.blank_embedding()
     corner_embeds = []
+    encoded: dict = {}  # the grid's photos recur across corners (2 dogs × 2 hats = 4 photos, 8 uses)
     for subjects in corners:
-        interleaved = interleave_prompt(clip, prompt, encode_subjects(clip, subjects, fit))
+        interleaved = interleave_prompt(clip, prompt, encode_subjects(clip, subjects, fit, cache=encoded))
         corner_embeds.append(sample_prior(models.prior, interleaved, blank, None, [seed]).embeds[0])
     grid = bilinear_grid(*corner_embeds, steps=grid_steps, mode=mode)
     n = grid.shape[0]

@@ -132,3 +132,21 @@ def test_prior_noise_and_seeds_are_per_image(tiny_clip, tiny_prior):
     assert torch.equal(batch.negative[0], blank)
     control = sample_prior(tiny_prior, prompt, blank, torch.ones(32), [2])
     assert not torch.allclose(control.embeds, alone.embeds)
+
+
+def test_grid_encodes_each_subject_photo_once(tiny_clip, pictures):
+    from lambda_eclipse.core.pipeline import SubjectInput, encode_subjects
+
+    calls = []
+    original = tiny_clip.encode_subject
+    tiny_clip.encode_subject = lambda *a, **k: calls.append(a) or original(*a, **k)
+    try:
+        cache = {}
+        d, h, h2 = pictures["dog.png"], pictures["hat.png"], pictures["hat2.png"]
+        for hat in (h, h2, h, h2):
+            subjects = encode_subjects(tiny_clip, [SubjectInput("dog", d), SubjectInput("hat", hat)], cache=cache)
+        assert len(calls) == 3  # dog, hat, hat2: each photo once across the four corners
+        assert torch.equal(subjects[1].embedding, encode_subjects(tiny_clip, [SubjectInput("hat", h2)])[0].embedding)
+        assert len(calls) == 4  # without a cache nothing is shared
+    finally:
+        tiny_clip.encode_subject = original
