@@ -1,0 +1,486 @@
+"""`python -m lambda_eclipse download` against a loopback fake of the hub's resolve endpoint (no internet).
+
+The fake answers HEAD/GET on {endpoint}/{repo}/resolve/{revision}/{file} the way hf_hub_download expects
+(X-Repo-Commit, ETag = sha256, Content-Length, Range → 206, optional LFS-style 302 with X-Linked-Etag /
+X-Linked-Size), and can drop a connection mid-body, lie about a hash or fail a GET.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import socket
+import threading
+import unittest.mock as mock
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+from lambda_eclipse.core import download as dl
+from lambda_eclipse.core.download import (
+    ManifestEntry, add_download_parser, download_models, load_manifest, manifest_url, parse_manifest,
+)
+from lambda_eclipse.core.errors import InputError, MissingModelsError, ModelFileError
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+SPEC = [  # key, repo, file, folder, name, size
+    ("prior", "ECLIPSE-Community/Lambda-ECLIPSE-Prior-v1.0", "diffusion_pytorch_model.safetensors", "lambda_eclipse", "prior.safetensors", 40_000),
+    ("clip_text", "stabilityai/stable-diffusion-xl-base-1.0", "text_encoder_2/model.fp16.safetensors", "text_encoders", "clip_g.safetensors", 50_000),
+    ("clip_vision", "comfyanonymous/clip_vision_g", "clip_vision_g.safetensors", "clip_vision", "clip_vision_g.safetensors", 60_000),
+    ("decoder_unet", "kandinsky-community/kandinsky-2-2-decoder", "unet/diffusion_pytorch_model.safetensors", "diffusion_models", "unet.safetensors", 300_000),
+    ("decoder_movq", "kandinsky-community/kandinsky-2-2-decoder", "movq/diffusion_pytorch_model.safetensors", "vae", "movq.safetensors", 30_000),
+]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class FakeHub:
+    def __init__(self):
+        self.files: dict[tuple[str, str], bytes] = {}  # (repo, file) → content
+        self.etag: dict[str, str] = {}  # file → a (lying) etag to advertise
+        self.corrupt: set[str] = set()  # files whose body is served with one byte flipped
+        self.drop_once: set[str] = set()  # files whose first GET is cut mid-body
+        self.fail_get: set[str] = set()  # files whose GET answers 500
+        self.redirect: set[str] = set()  # files served LFS-style through a 302 to another host
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    def gets(self, file=None):
+        return [r for r in self.requests if r[0] == "GET" and (file is None or r[1].endswith(file))]
+
+    def _handler(self):
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.answer(body=False)
+
+            def do_GET(self):
+                self.answer(body=True)
+
+            def send(self, status, headers, data=b""):
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if data and self.command == "GET":
+                    self.wfile.write(data)
+
+            def answer(self, body: bool):
+                path = unquote(self.path.split("?")[0])
+                with hub.lock:
+                    hub.requests.append((self.command, path, self.headers.get("Range")))
+                if path.startswith("/cdn/"):
+                    found = [(f, c) for (_, f), c in hub.files.items() if sha(c) == path[5:]]
+                    if not found:
+                        return self.send(404, {})
+                    return self.content(found[0][1], path[5:], found[0][0], extra={})
+                parts = path.lstrip("/").split("/")
+                if len(parts) < 5 or parts[2] != "resolve":
+                    return self.send(404, {"X-Error-Code": "RepoNotFound"})
+                repo, revision, file = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+                if revision != "main" or (repo, file) not in hub.files:
+                    return self.send(404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT})
+                content = hub.files[(repo, file)]
+                etag = hub.etag.get(file, sha(content))
+                if file in hub.redirect:
+                    return self.send(302, {
+                        "Location": f"http://localhost:{hub.port}/cdn/{sha(content)}", "X-Repo-Commit": COMMIT,
+                        "X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(content)), "ETag": '"abc"',
+                    })
+                if body and file in hub.fail_get:
+                    return self.send(500, {"X-Repo-Commit": COMMIT}, b"boom")
+                if body and file in hub.corrupt:
+                    content = bytes([content[0] ^ 0xFF]) + content[1:]
+                self.content(content, etag, file, extra={"X-Repo-Commit": COMMIT})
+
+            def content(self, content: bytes, etag: str, key: str, extra: dict):
+                """Serve `content` (repo file `key`), honouring `Range: bytes=N-`."""
+                start = 0
+                rng = self.headers.get("Range")
+                if rng and rng.startswith("bytes=") and self.command == "GET":
+                    start = int(rng[6:].split("-")[0])
+                status = 206 if start else 200
+                self.send_response(status)
+                for k, v in {**extra, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}.items():
+                    self.send_header(k, v)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
+                self.send_header("Content-Length", str(len(content) - start))
+                self.end_headers()
+                if self.command != "GET":
+                    return
+                data = content[start:]
+                if key in hub.drop_once:
+                    hub.drop_once.discard(key)
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                self.wfile.write(data)
+
+        return Handler
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _point_hub_at(monkeypatch, endpoint: str, cache: Path, offline: bool = False):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # huggingface_hub reads these once at import; the conftest imported it with HF_HUB_OFFLINE=1
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    fake = FakeHub()
+    rng = random.Random(7)
+    for key, repo, file, folder, name, size in SPEC:
+        fake.files[(repo, file)] = rng.randbytes(size)
+    _point_hub_at(monkeypatch, fake.endpoint, tmp_path / "hf-cache")
+    yield fake
+    fake.close()
+
+
+def write_manifest(hub, path: Path, unknown=(), overrides=None) -> Path:
+    entries = []
+    for key, repo, file, folder, name, size in SPEC:
+        content = hub.files[(repo, file)]
+        entry = {"key": key, "what": f"test {key}", "repo": repo, "file": file, "revision": "main",
+                 "folder": folder, "name": name, "size": len(content), "sha256": sha(content)}
+        if key in unknown:
+            entry["size"] = entry["sha256"] = None
+        entry.update((overrides or {}).get(key, {}))
+        entries.append(entry)
+    path.write_text(json.dumps(entries))
+    return path
+
+
+@pytest.fixture
+def setup(hub, tmp_path):
+    models = tmp_path / "models"
+    manifest = write_manifest(hub, tmp_path / "manifest.json")
+    return hub, models, manifest
+
+
+def dest_of(models, key):
+    row = next(r for r in SPEC if r[0] == key)
+    return models / row[3] / row[4]
+
+
+def content_of(hub, key):
+    row = next(r for r in SPEC if r[0] == key)
+    return hub.files[(row[1], row[2])]
+
+
+def leftovers(models: Path):
+    return [p for p in models.rglob("*") if p.name.startswith(dl.TMP_PREFIX) or p.name.endswith((".incomplete", ".tmp"))]
+
+
+# ------------------------------------------------------------------------------------------ the manifest
+
+
+def test_shipped_manifest_is_valid_and_complete():
+    entries = load_manifest()
+    assert [e.key for e in entries] == ["prior", "clip_text", "clip_vision", "decoder_unet", "decoder_movq"]
+    assert {e.group for e in entries} == {"prior", "clip", "decoder"}
+    for e in entries:
+        assert manifest_url(e) == f"https://huggingface.co/{e.repo}/resolve/{e.revision}/{e.file}"
+        assert e.sha256 is None or len(e.sha256) == 64
+    assert len({e.relpath for e in entries}) == 5
+
+
+def test_manifest_url_format():
+    e = ManifestEntry("k", "w", "owner/repo", "sub/file.safetensors", "main", "vae", "x.safetensors")
+    assert manifest_url(e) == "https://huggingface.co/owner/repo/resolve/main/sub/file.safetensors"
+    assert e.dest("/m") == Path("/m/vae/x.safetensors")
+
+
+GOOD = {"key": "prior", "what": "w", "repo": "a/b", "file": "f.safetensors", "revision": "main",
+        "folder": "lambda_eclipse", "name": "p.safetensors", "size": 1, "sha256": "a" * 64}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sha256": "xyz"}, "sha256 must be 64 hexadecimal"),
+    ({"sha256": "a" * 63}, "sha256 must be 64 hexadecimal"),
+    ({"folder": "../outside"}, "path traversal"),
+    ({"folder": "/etc"}, "absolute path"),
+    ({"folder": "C:/models"}, "absolute path"),
+    ({"name": "../p.safetensors"}, "must be a file name"),
+    ({"name": ".."}, "path traversal"),
+    ({"name": "a\\b.safetensors"}, "backslash"),
+    ({"file": "a/../../b"}, "path traversal"),
+    ({"size": -1}, "size must be a byte count"),
+    ({"size": "12"}, "size must be a byte count"),
+    ({"repo": "no-slash"}, "owner/name"),
+    ({"revision": ""}, "revision must be a non-empty string"),
+    ({"extra": 1}, "unknown field(s) extra"),
+])
+def test_manifest_validation_errors(change, message):
+    with pytest.raises(InputError) as err:
+        parse_manifest([{**GOOD, **change}], "m.json")
+    assert message in str(err.value) and "m.json" in str(err.value)
+
+
+def test_manifest_missing_fields_and_duplicates(tmp_path):
+    with pytest.raises(InputError) as err:
+        parse_manifest([{k: v for k, v in GOOD.items() if k not in ("sha256", "size")}])
+    assert "missing field(s) size, sha256" in str(err.value)
+    with pytest.raises(InputError, match="duplicate folder/name"):
+        parse_manifest([GOOD, {**GOOD, "key": "other", "name": "P.safetensors"}])
+    with pytest.raises(InputError, match="duplicate key"):
+        parse_manifest([GOOD, {**GOOD, "name": "q.safetensors"}])
+    assert parse_manifest([{**GOOD, "sha256": None, "size": None, "_comment": "ok"}])[0].sha256 is None
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_manifest(bad)
+    with pytest.raises(InputError, match="Cannot read the manifest"):
+        load_manifest(tmp_path / "absent.json")
+
+
+# ------------------------------------------------------------------------------------------ downloading
+
+
+def test_fetches_into_the_comfyui_folders_then_skips(setup):
+    hub, models, manifest = setup
+    lines = []
+    report = download_models(models, manifest=manifest, log=lines.append)
+    for key, *_ in SPEC:
+        assert dest_of(models, key).read_bytes() == content_of(hub, key)
+    assert len(report.fetched) == 5 and not report.skipped
+    assert report.bytes_fetched == sum(r[5] for r in SPEC)
+    assert f"({report.bytes_fetched} bytes)" in lines[-1]
+    assert not leftovers(models)
+    assert (models / dl.MARKER_NAME).is_file()
+
+    gets = len(hub.gets())
+    hashed = []
+    real = dl.sha256_file
+    dl_sha = lambda p: hashed.append(p) or real(p)  # noqa: E731
+    with mock.patch.object(dl, "sha256_file", dl_sha):
+        lines.clear()
+        again = download_models(models, manifest=manifest, log=lines.append)
+    assert len(again.skipped) == 5 and not again.fetched and again.bytes_fetched == 0
+    assert len(hub.gets()) == gets, "a second run must not download anything"
+    assert not hashed, "verified files are not hashed again while size and mtime are unchanged"
+    assert sum(line.endswith("— skipped") for line in lines) == 5
+
+    with mock.patch.object(dl, "sha256_file", dl_sha):
+        download_models(models, manifest=manifest, log=lines.append, rehash=True)
+    assert len(hashed) == 5
+
+
+def test_only_filters_by_group(setup):
+    hub, models, manifest = setup
+    report = download_models(models, only="clip", manifest=manifest, log=lambda s: None)
+    assert sorted(p.name for p in report.fetched) == ["clip_g.safetensors", "clip_vision_g.safetensors"]
+    assert not dest_of(models, "prior").exists() and not dest_of(models, "decoder_unet").exists()
+    report = download_models(models, only=["prior", "decoder"], manifest=manifest, log=lambda s: None)
+    assert len(report.fetched) == 3
+    with pytest.raises(InputError) as err:
+        download_models(models, only="prior,vae", manifest=manifest, log=lambda s: None)
+    assert "'vae'" in str(err.value) and "prior, clip, decoder" in str(err.value)
+
+
+def test_hub_reporting_another_hash_is_refused_before_downloading(setup, tmp_path):
+    hub, models, _ = setup
+    manifest = write_manifest(hub, tmp_path / "m2.json", overrides={"clip_vision": {"sha256": "b" * 64}})
+    with pytest.raises(ModelFileError) as err:
+        download_models(models, only="clip_vision", manifest=manifest, log=lambda s: None)
+    text = str(err.value)
+    assert "b" * 64 in text and sha(content_of(hub, "clip_vision")) in text and "clip_vision_g.safetensors" in text
+    assert not hub.gets() and not dest_of(models, "clip_vision").exists()
+
+
+def test_corrupt_download_is_deleted_and_reported(setup):
+    hub, models, manifest = setup
+    hub.corrupt.add("movq/diffusion_pytorch_model.safetensors")
+    with pytest.raises(ModelFileError) as err:
+        download_models(models, only="decoder_movq", manifest=manifest, log=lambda s: None)
+    good = sha(content_of(hub, "decoder_movq"))
+    text = str(err.value)
+    assert "failed verification" in text and f"expected {good}" in text and "got " in text
+    assert "movq.safetensors" in text
+    assert not dest_of(models, "decoder_movq").exists()
+    assert not leftovers(models)
+
+
+def test_unknown_hash_is_checked_against_the_hub(setup, tmp_path):
+    hub, models, _ = setup
+    manifest = write_manifest(hub, tmp_path / "m3.json", unknown=("prior",))
+    lines = []
+    download_models(models, only="prior", manifest=manifest, log=lines.append)
+    assert dest_of(models, "prior").read_bytes() == content_of(hub, "prior")
+    assert any("manifest has no sha256" in line and sha(content_of(hub, "prior")) in line for line in lines)
+    # a body that does not match the hub's own hash is refused too
+    dest_of(models, "prior").unlink()
+    hub.corrupt.add("diffusion_pytorch_model.safetensors")
+    with pytest.raises(ModelFileError, match="from the hub"):
+        download_models(models, only="prior", manifest=manifest, log=lambda s: None)
+    assert not dest_of(models, "prior").exists()
+
+
+def test_interrupted_transfer_is_resumed(setup, monkeypatch):
+    from huggingface_hub import constants
+
+    hub, models, manifest = setup
+    name = "unet/diffusion_pytorch_model.safetensors"
+    hub.drop_once.add(name)  # the first GET sends 150 000 of 300 000 bytes, then closes the connection
+    # huggingface_hub writes whole chunks (10 MB by default): 64 KiB ones make the resume point visible here
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1 << 16)
+    report = download_models(models, only="decoder_unet", manifest=manifest, log=lambda s: None)
+    assert dest_of(models, "decoder_unet").read_bytes() == content_of(hub, "decoder_unet")
+    gets = hub.gets(name)
+    # huggingface_hub retried within the same call (after 1 s) and asked only for what it had not written
+    assert len(gets) == 2 and gets[0][2] is None and gets[1][2] == f"bytes={2 << 16}-"
+    assert report.bytes_fetched == 300_000 and not leftovers(models)
+
+
+def test_failed_transfer_reports_then_a_rerun_succeeds(setup):
+    hub, models, manifest = setup
+    name = "unet/diffusion_pytorch_model.safetensors"
+    hub.fail_get.add(name)
+    with pytest.raises(MissingModelsError) as err:
+        download_models(models, only="decoder", manifest=manifest, log=lambda s: None)
+    text = str(err.value)
+    assert "1 model file(s) could not be downloaded" in text and "the hub answered HTTP 500" in text
+    assert str(dest_of(models, "decoder_unet")) in text
+    assert "The other 1 file(s) are in place" in text
+    assert not dest_of(models, "decoder_unet").exists() and dest_of(models, "decoder_movq").is_file()
+    assert not leftovers(models)
+    hub.fail_get.clear()
+    report = download_models(models, only="decoder", manifest=manifest, log=lambda s: None)
+    assert [p.name for p in report.fetched] == ["unet.safetensors"] and len(report.skipped) == 1
+
+
+def test_lfs_style_redirect_to_another_host(setup):
+    hub, models, manifest = setup
+    hub.redirect.add("clip_vision_g.safetensors")
+    download_models(models, only="clip_vision", manifest=manifest, log=lambda s: None)
+    assert dest_of(models, "clip_vision").read_bytes() == content_of(hub, "clip_vision")
+    assert any(r[1].startswith("/cdn/") for r in hub.gets())
+
+
+def test_wrong_existing_file_is_replaced(setup):
+    hub, models, manifest = setup
+    dest = dest_of(models, "decoder_movq")
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(b"\0" * 30_000)  # right size, wrong content
+    lines = []
+    report = download_models(models, only="decoder_movq", manifest=manifest, log=lines.append)
+    assert dest.read_bytes() == content_of(hub, "decoder_movq") and report.fetched == [dest]
+    assert any("its sha256 is" in line for line in lines)
+
+
+def test_missing_file_on_the_hub(setup, tmp_path):
+    hub, models, _ = setup
+    manifest = write_manifest(hub, tmp_path / "m4.json", overrides={"prior": {"file": "nope.safetensors"}})
+    with pytest.raises(MissingModelsError) as err:
+        download_models(models, only="prior", manifest=manifest, log=lambda s: None)
+    assert "has no file 'nope.safetensors'" in str(err.value)
+
+
+def test_offline_says_what_is_missing_and_where_it_goes(setup, monkeypatch):
+    hub, models, manifest = setup
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MissingModelsError) as err:
+        download_models(models, manifest=manifest, log=lambda s: None)
+    text = str(err.value)
+    assert "5 model file(s) could not be downloaded because offline mode is on (HF_HUB_OFFLINE=1)" in text
+    for key, repo, file, *_ in SPEC:
+        assert str(dest_of(models, key)) in text
+        assert f"https://huggingface.co/{repo}/resolve/main/{file}" in text
+    assert "unset HF_HUB_OFFLINE" in text and "curl -L -C -" in text
+    assert not hub.requests
+
+
+def test_offline_uses_the_huggingface_cache(setup, monkeypatch, tmp_path):
+    hub, models, manifest = setup
+    from huggingface_hub import constants
+
+    content = content_of(hub, "prior")
+    repo_dir = Path(constants.HF_HUB_CACHE) / "models--ECLIPSE-Community--Lambda-ECLIPSE-Prior-v1.0"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(COMMIT)
+    (repo_dir / "blobs").mkdir()
+    (repo_dir / "blobs" / sha(content)).write_bytes(content)
+    snap = repo_dir / "snapshots" / COMMIT
+    snap.mkdir(parents=True)
+    os.symlink(repo_dir / "blobs" / sha(content), snap / "diffusion_pytorch_model.safetensors")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    lines = []
+    report = download_models(models, only="prior", manifest=manifest, log=lines.append)
+    assert dest_of(models, "prior").read_bytes() == content and report.bytes_fetched == 0
+    assert any("Hugging Face cache" in line for line in lines) and not hub.requests
+
+
+def test_unreachable_endpoint(setup, monkeypatch, tmp_path):
+    hub, models, manifest = setup
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    _point_hub_at(monkeypatch, dead, tmp_path / "hf-cache")
+    with pytest.raises(MissingModelsError) as err:
+        download_models(models, only="clip", manifest=manifest, log=lambda s: None)
+    text = str(err.value)
+    assert "2 model file(s) could not be downloaded" in text and f"could not reach {dead}" in text
+    assert "Check your connection" in text and str(dest_of(models, "clip_text")) in text
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="python -m lambda_eclipse")
+    add_download_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_download(setup, capsys):
+    hub, models, manifest = setup
+    args = _parser().parse_args(["download", "--models", str(models), "--only", "prior,clip", "--manifest", str(manifest)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "fetched 3 file(s)" in out
+    assert dest_of(models, "prior").is_file() and not dest_of(models, "decoder_movq").exists()
+    args = _parser().parse_args(["download", "--models", str(models), "--only", "bogus", "--manifest", str(manifest)])
+    with pytest.raises(InputError, match="choose from prior, clip, decoder"):
+        args.func(args)
+
+
+def test_cli_needs_a_models_folder(monkeypatch):
+    monkeypatch.delenv("COMFYUI_MODELS", raising=False)
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    args = _parser().parse_args(["download"])
+    with pytest.raises(InputError, match="--models"):
+        args.func(args)
