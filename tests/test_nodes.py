@@ -229,6 +229,75 @@ def test_mask_inputs(loaded):
         encode(clip, "dog", image, mask=torch.zeros(1, 64, 80))
 
 
+@pytest.fixture()
+def subject_clip(tiny_clip):
+    """A CLIP holder like Load CLIP's (`.ready()` → the encoder), without going through the loader nodes."""
+    import types
+
+    return types.SimpleNamespace(ready=lambda: tiny_clip)
+
+
+def _cutout(h=64, w=80):
+    """A subject box in the middle of the frame: (subject mask 1 = subject, Load Image's MASK = 1 − alpha)."""
+    subject = torch.zeros(1, h, w)
+    subject[:, 16:48, 24:56] = 1
+    return subject, 1.0 - subject
+
+
+def test_encode_subject_inputs_are_only_appended():
+    spec = NODE_CLASS_MAPPINGS["LambdaEclipseEncodeSubject"].INPUT_TYPES()
+    assert list(spec["required"]) == ["clip", "image", "word", "weight", "fit"]
+    assert list(spec["optional"]) == ["mask", "subjects", "mask_mode"]
+    modes, options = spec["optional"]["mask_mode"]
+    assert modes == ["auto", "1 = subject", "1 = background (Load Image alpha)"] and options["default"] == "auto"
+    assert "border" in options["tooltip"] and "Load Image" in spec["optional"]["mask"][1]["tooltip"]
+    assert "alpha" in spec["required"]["image"][1]["tooltip"]
+
+
+def test_load_image_mask_is_recognised_and_inverted(subject_clip, caplog_eclipse):
+    clip = subject_clip
+    image = photo()
+    subject, load_image_mask = _cutout()
+    painted = encode(clip, "dog", image, mask=subject)[0].embedding
+    assert "mask read as 1 = subject (auto: border 0.00" in caplog_eclipse.text
+    caplog_eclipse.clear()
+    auto = encode(clip, "dog", image, mask=load_image_mask)[0].embedding
+    torch.testing.assert_close(auto, painted)  # not the background, whitened subject
+    assert "mask read as 1 = background (Load Image alpha) (auto: border 1.00, centre 0.20)" in caplog_eclipse.text
+    forced = encode(clip, "dog", image, mask=load_image_mask, mask_mode="1 = background (Load Image alpha)")[0].embedding
+    torch.testing.assert_close(forced, painted)
+    as_is = encode(clip, "dog", image, mask=load_image_mask, mask_mode="1 = subject")[0].embedding
+    assert not torch.allclose(as_is, painted)
+    whole = encode(clip, "dog", image, mask=torch.ones(1, 64, 80))[0].embedding  # all 1: the whole image, not inverted
+    torch.testing.assert_close(whole, encode(clip, "dog", image)[0].embedding)
+
+
+def test_empty_mask_message_names_mask_mode(subject_clip):
+    clip = subject_clip
+    with pytest.raises(InputError, match=r"mask is empty.*set mask_mode to '1 = background \(Load Image alpha\)'.*disconnect the mask"):
+        encode(clip, "dog", photo(), mask=torch.zeros(1, 64, 80))
+    with pytest.raises(InputError, match=r"mask is empty.*mask_mode is '1 = background \(Load Image alpha\)': if the mask uses the other convention, switch it"):
+        encode(clip, "dog", photo(), mask=torch.ones(1, 64, 80), mask_mode="1 = background (Load Image alpha)")
+    with pytest.raises(InputError, match=r"mask_mode must be one of 'auto', '1 = subject'"):
+        encode(clip, "dog", photo(), mask=torch.ones(1, 64, 80), mask_mode="inverted")
+
+
+def test_rgba_image_uses_its_alpha_as_the_subject(subject_clip, caplog_eclipse):
+    clip = subject_clip
+    image = photo()
+    subject, load_image_mask = _cutout()
+    rgba = torch.cat([image, subject[..., None]], dim=-1)
+    with_alpha = encode(clip, "dog", rgba)[0].embedding
+    torch.testing.assert_close(with_alpha, encode(clip, "dog", image, mask=subject)[0].embedding)
+    assert "alpha used as the subject mask" in caplog_eclipse.text
+    both = encode(clip, "dog", rgba, mask=load_image_mask)[0].embedding  # the same cut-out twice: no change
+    torch.testing.assert_close(both, with_alpha)
+    opaque = torch.cat([image, torch.ones(1, 64, 80, 1)], dim=-1)
+    torch.testing.assert_close(encode(clip, "dog", opaque)[0].embedding, encode(clip, "dog", image)[0].embedding)
+    with pytest.raises(InputError, match=r"subject image is fully transparent.*Re-export it"):
+        encode(clip, "dog", torch.cat([image, torch.zeros(1, 64, 80, 1)], dim=-1))
+
+
 def test_subject_word_errors(loaded):
     _, clip, _ = loaded
     with pytest.raises(InputError, match="subject word is empty"):
@@ -384,6 +453,34 @@ def test_decode_rejects_mismatched_embeddings(loaded):
 def test_every_error_is_a_value_or_library_error():
     for exc in (ModelFileError, MissingModelsError, InterleaveError, InputError, Cancelled):
         assert issubclass(exc, LambdaEclipseError)
+
+
+def test_error_names_are_short_and_stable():
+    """ComfyUI shows type(ex).__module__ + '.' + __qualname__; for a custom node the module is its install path."""
+    import copy
+    import pickle
+    import traceback
+
+    from lambda_eclipse.core import errors
+
+    classes = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, LambdaEclipseError)]
+    assert {c.__name__ for c in classes} >= {"ImageFileError", "OutputPathError", "DeviceError", "InterleaveError"}
+    for cls in classes:
+        exc = cls(f"{cls.__name__} happened. Do this.")
+        assert f"{type(exc).__module__}.{type(exc).__qualname__}" == f"lambda_eclipse.{cls.__name__}"
+        assert errors.public_name(exc) == f"lambda_eclipse.{cls.__name__}"
+        assert str(exc) == f"{cls.__name__} happened. Do this."
+        again = pickle.loads(pickle.dumps(exc))
+        assert type(again) is cls and again.args == exc.args
+        assert type(copy.deepcopy(exc)) is cls
+    assert issubclass(errors.OutputPathError, InputError) and issubclass(errors.ImageFileError, InputError)
+    assert issubclass(errors.DeviceError, InputError)
+    line = traceback.format_exception_only(InterleaveError, InterleaveError("no word"))[-1]
+    assert line == "lambda_eclipse.InterleaveError: no word\n"
+    from lambda_eclipse.trainer.errors import CheckpointError  # subclasses elsewhere get the short name too
+
+    assert errors.public_name(CheckpointError) == "lambda_eclipse.CheckpointError"
+    assert isinstance(pickle.loads(pickle.dumps(CheckpointError("gone"))), FileNotFoundError)
 
 
 # -- ComfyUI setup (fallback parts) ----------------------------------------------------------------------
