@@ -1,4 +1,8 @@
-"""python -m lambda_eclipse.trainer extract|train|eval|export …  (see TRAINING.md)."""
+"""python -m lambda_eclipse.trainer extract|train|eval|export …  (see TRAINING.md).
+
+A user error (a missing file, a bad value, a refused resume) prints one line, ``error: <message>``,
+to stderr and exits with status 2, without a traceback. A traceback means a bug.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,20 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict
 from pathlib import Path
+
+from ..core.errors import LambdaEclipseError
+from .errors import ConfigError
+from .settings import EVAL_RULES, EXTRACT_RULES, FILTER_RULES, TRAIN_RULES, Rule
+
+USAGE_ERROR = 2  # exit status of every user error (argparse's own convention)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is `error: <message>` plus where to look, not the whole usage block."""
+
+    def error(self, message):
+        self.exit(USAGE_ERROR, f"error: {message}\n(see: {self.prog} --help)\n")
 
 
 def _bool(v: str) -> bool:
@@ -20,25 +36,29 @@ def _bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
-def _opt_int(v: str):
-    return None if str(v).lower() in ("none", "null", "") else int(v)
-
-
 def load_config_file(path: str) -> dict:
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith((".yaml", ".yml")):
-        import yaml
+    """--config FILE → {option_name: value}; ConfigError for a missing, unreadable or malformed file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot be read ({exc.strerror or exc}).") from exc
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
+        raise ConfigError(f"--config {path}: not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'} "
+                          f"({str(exc)[:300]}).") from exc
     if not isinstance(data, dict):
-        raise SystemExit(f"{path}: expected a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m lambda_eclipse.trainer",
         description="Train the λ-ECLIPSE prior: extract CLIP features once, train (Eq. 1), evaluate, export for Load Prior. "
                     "Every command takes --config FILE.yaml|json with the same option names (dashes or underscores); "
@@ -55,59 +75,63 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--coco-captions", help="COCO captions_*.json (instead of --manifest)")
     e.add_argument("--coco-instances", help="COCO instances_*.json with polygons/RLE and category names")
     e.add_argument("--coco-images", help="folder of the COCO images")
-    e.add_argument("--shard-size", type=int, default=4096, help="records per shard (unit of resume and of multi-process work)")
-    e.add_argument("--batch-size", type=int, default=64, help="examples per CLIP forward batch")
+    e.add_argument("--shard-size", type=EXTRACT_RULES["shard_size"], default=4096, help="records per shard (unit of resume and of multi-process work)")
+    e.add_argument("--batch-size", type=EXTRACT_RULES["batch_size"], default=64, help="examples per CLIP forward batch")
     e.add_argument("--device", default=None, help="cpu / cuda:N; default: the process's accelerate device")
-    e.add_argument("--dtype", default="fp32", help="CLIP compute dtype: fp32, fp16, bf16 (features are stored as fp16 anyway)")
+    e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="CLIP compute dtype: fp32, fp16, bf16 (features are stored as fp16 anyway)")
     e.add_argument("--subject-fit", default="pad", choices=["pad", "crop"], help="subject crop: pad to a white square (keeps all of it) or let CLIP centre-crop")
-    e.add_argument("--canny-low", type=float, default=100, help="Canny low threshold for the edge token")
-    e.add_argument("--canny-high", type=float, default=200, help="Canny high threshold")
-    e.add_argument("--min-box-area", type=float, default=0.08, help="skip a subject whose mask box covers less of the image (paper: 0.08)")
-    e.add_argument("--max-box-area", type=float, default=0.7, help="skip a subject whose mask box covers more (paper: 0.7)")
-    e.add_argument("--min-mask-fill", type=float, default=0.4, help="skip a subject whose mask fills less of its box (paper: 0.4)")
-    e.add_argument("--max-subjects", type=int, default=4, help="skip an example with more valid subjects (paper: 4)")
-    e.add_argument("--min-subjects", type=int, default=1, help="skip an example with fewer valid subjects")
-    e.add_argument("--limit", type=_opt_int, default=None, help="use only the first N records (smoke runs)")
+    e.add_argument("--canny-low", type=EXTRACT_RULES["canny_low"], default=100, help="Canny low threshold for the edge token")
+    e.add_argument("--canny-high", type=EXTRACT_RULES["canny_high"], default=200, help="Canny high threshold")
+    e.add_argument("--min-box-area", type=FILTER_RULES["min_box_area"], default=0.08, help="skip a subject whose mask box covers less of the image (paper: 0.08)")
+    e.add_argument("--max-box-area", type=FILTER_RULES["max_box_area"], default=0.7, help="skip a subject whose mask box covers more (paper: 0.7)")
+    e.add_argument("--min-mask-fill", type=FILTER_RULES["min_mask_fill"], default=0.4, help="skip a subject whose mask fills less of its box (paper: 0.4)")
+    e.add_argument("--max-subjects", type=FILTER_RULES["max_subjects"], default=4, help="skip an example with more valid subjects (paper: 4)")
+    e.add_argument("--min-subjects", type=FILTER_RULES["min_subjects"], default=1, help="skip an example with fewer valid subjects")
+    e.add_argument("--limit", type=EXTRACT_RULES["limit"], default=None, help="use only the first N records (smoke runs)")
     e.add_argument("--progress", type=_bool, default=True, help="progress bar with rate and ETA")
 
     t = sub.add_parser("train", help="train the prior on extracted features", formatter_class=fmt)
     t.add_argument("--config", help="YAML/JSON file of options (CLI flags override)")
-    t.add_argument("--data", help="feature folder from `extract`")
+    t.add_argument("--data", help="feature folder from `extract` (when resuming: the checkpoint's, unless given)")
     t.add_argument("--out", help="run folder: checkpoints/, metrics.csv, tensorboard/, curves.png")
     t.add_argument("--val-data", default=None, help="separate feature folder for evaluation (else --val-fraction of --data is held out)")
-    t.add_argument("--val-fraction", type=float, default=0.05, help="fraction of --data held out by a fixed hash of the example index")
+    t.add_argument("--val-fraction", type=TRAIN_RULES["val_fraction"], default=0.05, help="fraction of --data held out by a fixed hash of the example index")
     t.add_argument("--model", default="paper", help="architecture: 'paper' (1280-d, 10 layers, 34.8M), 'tiny' (32-d test size), or a config.json")
     t.add_argument("--init-from", default=None, help="published/exported prior (folder or .safetensors) to fine-tune from")
-    t.add_argument("--max-steps", type=int, default=100_000, help="optimizer steps (paper: ~100k)")
-    t.add_argument("--batch-size", type=int, default=1024, help="GLOBAL micro-batch over all processes (paper: 2×512); must divide by the process count")
-    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (contrastive negatives stay within a micro-batch)")
-    t.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (paper: 5e-5)")
-    t.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr as a fraction of the peak")
-    t.add_argument("--warmup-steps", type=int, default=500, help="linear warmup steps")
+    t.add_argument("--max-steps", type=TRAIN_RULES["max_steps"], default=100_000, help="optimizer steps (paper: ~100k)")
+    t.add_argument("--batch-size", type=TRAIN_RULES["batch_size"], default=1024, help="GLOBAL micro-batch over all processes (paper: 2×512); must divide by the process count")
+    t.add_argument("--grad-accum", type=TRAIN_RULES["grad_accum"], default=1, help="micro-batches per optimizer step (contrastive negatives stay within a micro-batch)")
+    t.add_argument("--lr", type=TRAIN_RULES["lr"], default=5e-5, help="peak learning rate (paper: 5e-5)")
+    t.add_argument("--min-lr-ratio", type=TRAIN_RULES["min_lr_ratio"], default=0.0, help="final lr as a fraction of the peak")
+    t.add_argument("--warmup-steps", type=TRAIN_RULES["warmup_steps"], default=500, help="linear warmup steps")
     t.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"], help="decay after warmup")
-    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    t.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
-    t.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
-    t.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
-    t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
-    t.add_argument("--lam", type=float, default=0.2, help="λ of Eq. 1: weight of the contrastive term (paper: 0.2)")
-    t.add_argument("--temperature", type=float, default=0.07, help="τ of the contrastive term")
+    t.add_argument("--weight-decay", type=TRAIN_RULES["weight_decay"], default=0.0, help="AdamW weight decay")
+    t.add_argument("--adam-beta1", type=TRAIN_RULES["adam_beta1"], default=0.9, help="AdamW beta1")
+    t.add_argument("--adam-beta2", type=TRAIN_RULES["adam_beta2"], default=0.999, help="AdamW beta2")
+    t.add_argument("--adam-eps", type=TRAIN_RULES["adam_eps"], default=1e-8, help="AdamW epsilon")
+    t.add_argument("--max-grad-norm", type=TRAIN_RULES["max_grad_norm"], default=1.0, help="gradient clipping (0 = off)")
+    t.add_argument("--lam", type=TRAIN_RULES["lam"], default=0.2, help="λ of Eq. 1: weight of the contrastive term (paper: 0.2)")
+    t.add_argument("--temperature", type=TRAIN_RULES["temperature"], default=0.07, help="τ of the contrastive term")
     t.add_argument("--similarity", default="cosine", choices=["cosine", "dot"], help="⟨ẑ_x, z_y⟩: cosine (normalised) or raw inner product")
     t.add_argument("--mse-reduction", default="sum", choices=["mean", "sum"], help="projection loss: sum over the embedding, mean over the batch (the ‖·‖² of Eq. 1, default), or mean over all elements")
-    t.add_argument("--edge-drop", type=float, default=0.01, help="probability of replacing the edge token by the blank embedding (paper: 1%%)")
+    t.add_argument("--edge-drop", type=TRAIN_RULES["edge_drop"], default=0.01, help="probability of replacing the edge token by the blank embedding (paper: 1%%)")
     t.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast through accelerate (bf16 works on CPU)")
-    t.add_argument("--seed", type=int, default=0, help="seed of init, data order, noise and dropout")
+    t.add_argument("--seed", type=TRAIN_RULES["seed"], default=0, help="seed of init, data order, noise and dropout")
     t.add_argument("--deterministic", type=_bool, default=False, help="deterministic kernels (bit-exact resume on GPU)")
     t.add_argument("--cpu", type=_bool, default=False, help="force CPU even if a GPU is present")
-    t.add_argument("--log-every", type=int, default=50, help="steps between training-metric rows")
-    t.add_argument("--eval-every", type=int, default=1000, help="steps between held-out evaluations")
-    t.add_argument("--eval-batch-size", type=int, default=256, help="eval batch (retrieval is among this many)")
-    t.add_argument("--eval-max-batches", type=_opt_int, default=20, help="cap on eval batches per evaluation (none = all)")
-    t.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
-    t.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (older ones deleted)")
-    t.add_argument("--resume", default="auto", help="'auto' (latest in --out), 'none', or a checkpoint folder")
-    t.add_argument("--shuffle-shards", type=int, default=8, help="shards shuffled together (memory vs randomness)")
-    t.add_argument("--prefetch", type=int, default=2, help="batches prepared ahead in a thread (0 = off)")
+    t.add_argument("--log-every", type=TRAIN_RULES["log_every"], default=50, help="steps between training-metric rows")
+    t.add_argument("--eval-every", type=TRAIN_RULES["eval_every"], default=1000, help="steps between held-out evaluations")
+    t.add_argument("--eval-batch-size", type=TRAIN_RULES["eval_batch_size"], default=256, help="eval batch (retrieval is among this many)")
+    t.add_argument("--eval-max-batches", type=TRAIN_RULES["eval_max_batches"], default=20, help="cap on eval batches per evaluation (none = all)")
+    t.add_argument("--save-every", type=TRAIN_RULES["save_every"], default=1000, help="steps between checkpoints")
+    t.add_argument("--keep-last", type=TRAIN_RULES["keep_last"], default=3, help="checkpoints kept (older ones deleted; 0 = keep all)")
+    t.add_argument("--resume", default="auto", help="'auto' (latest in --out), 'none', or a checkpoint folder. Options not "
+                   "given take the checkpoint's values; a different hyperparameter is refused unless --force")
+    t.add_argument("--force", type=_bool, nargs="?", const=True, default=False,
+                   help="resume even where hyperparameters differ from the checkpoint's (the changes are logged and kept in "
+                        "train_config.json); data, held-out split and model shape can never change within a run")
+    t.add_argument("--shuffle-shards", type=TRAIN_RULES["shuffle_shards"], default=8, help="shards shuffled together (memory vs randomness)")
+    t.add_argument("--prefetch", type=TRAIN_RULES["prefetch"], default=2, help="batches prepared ahead in a thread (0 = off)")
     t.add_argument("--verify-shards", type=_bool, default=True, help="check each shard's sha256 when loading it")
     t.add_argument("--tensorboard", type=_bool, default=True, help="also log to --out/tensorboard")
 
@@ -116,48 +140,98 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--checkpoint", help="checkpoint folder, run folder (latest checkpoint) or exported prior")
     v.add_argument("--data", help="feature folder")
     v.add_argument("--all", type=_bool, default=False, help="evaluate on all of --data instead of its held-out split")
-    v.add_argument("--val-fraction", type=float, default=0.05, help="as in training, to select the same held-out split")
-    v.add_argument("--eval-batch-size", type=int, default=256, help="retrieval batch")
-    v.add_argument("--eval-max-batches", type=_opt_int, default=None, help="cap on batches")
-    v.add_argument("--lam", type=float, default=0.2, help="λ for the reported loss")
-    v.add_argument("--temperature", type=float, default=0.07, help="τ for the reported loss")
+    v.add_argument("--val-fraction", type=EVAL_RULES["val_fraction"], default=0.05, help="as in training, to select the same held-out split")
+    v.add_argument("--eval-batch-size", type=EVAL_RULES["eval_batch_size"], default=256, help="retrieval batch")
+    v.add_argument("--eval-max-batches", type=EVAL_RULES["eval_max_batches"], default=None, help="cap on batches")
+    v.add_argument("--lam", type=EVAL_RULES["lam"], default=0.2, help="λ for the reported loss")
+    v.add_argument("--temperature", type=EVAL_RULES["temperature"], default=0.07, help="τ for the reported loss")
     v.add_argument("--similarity", default="cosine", choices=["cosine", "dot"], help="similarity for the reported loss")
-    v.add_argument("--seed", type=int, default=0, help="seed of the eval noise")
+    v.add_argument("--seed", type=EVAL_RULES["seed"], default=0, help="seed of the eval noise")
 
     x = sub.add_parser("export", help="checkpoint → prior that the Load Prior node reads", formatter_class=fmt)
     x.add_argument("--config", help="YAML/JSON file of options (CLI flags override)")
     x.add_argument("--checkpoint", help="checkpoint folder or run folder (latest checkpoint)")
     x.add_argument("--out", help="output: a folder (config.json + diffusion_pytorch_model.safetensors) or, with --single-file, a .safetensors")
     x.add_argument("--single-file", type=_bool, default=False, help="one .safetensors with the config in its metadata")
-    x.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
+    x.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights' dtype")
+    for command in sub.choices.values():  # say each numeric option's allowed range in --help
+        for action in command._actions:
+            if isinstance(action.type, Rule) and action.help:
+                action.help += f" [{action.type.describe()}]"
     return p
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return parser._subparsers._group_actions[0].choices[command]
+
+
+def _convert_config_values(sub: argparse.ArgumentParser, values: dict, source: str) -> dict:
+    """Config-file values through the same type functions and choices as typed flags (ranges included)."""
+    actions = {a.dest: a for a in sub._actions}
+    out = {}
+    for key, value in values.items():
+        action = actions[key]
+        if value is not None and action.type is not None and not isinstance(value, (list, dict)):
+            try:
+                value = action.type(value if isinstance(value, str) else str(value))
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                sub.error(f"{source}: {key}: {exc}")
+        if action.choices is not None and value not in action.choices:
+            sub.error(f"{source}: {key}: must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def explicit_options(argv, command: str) -> set[str]:
+    """The options typed on the command line (not their defaults): parsed again with every default suppressed."""
+    parser = build_parser()
+    for action in _subparser(parser, command)._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command", "config"}
+
+
 def parse(argv=None):
+    """Parsed options; `args._explicit` is the set of options given (on the command line or in --config)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    from_file: set[str] = set()
     if getattr(args, "config", None):
-        values = load_config_file(args.config)
-        subparser = parser._subparsers._group_actions[0].choices[args.command]
-        known = {a.dest for a in subparser._actions}
+        subparser = _subparser(parser, args.command)
+        try:
+            values = load_config_file(args.config)
+        except ConfigError as exc:
+            subparser.error(str(exc))
+        known = {a.dest for a in subparser._actions} - {"help", "config"}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise SystemExit(f"{args.config}: unknown options for {args.command}: {unknown}")
-        subparser.set_defaults(**values)
+            subparser.error(f"--config {args.config}: unknown options for {args.command}: {unknown}")
+        subparser.set_defaults(**_convert_config_values(subparser, values, f"--config {args.config}"))
         args = parser.parse_args(argv)
+        from_file = set(values)
+    args._explicit = explicit_options(argv, args.command) | from_file
     return args
 
 
 def _require(args, *names):
     missing = [n for n in names if not getattr(args, n, None)]
     if missing:
-        raise SystemExit(f"{args.command}: missing " + ", ".join("--" + m.replace("_", "-") for m in missing))
+        raise ConfigError(f"{args.command}: missing " + ", ".join("--" + m.replace("_", "-") for m in missing))
 
 
 def main(argv=None) -> int:
+    """Run one command; 0 on success, 2 (after `error: <message>` on stderr) on a user error."""
+    try:
+        return _run(argv)
+    except LambdaEclipseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _run(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse(argv)
-    d = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    d = {k: v for k, v in vars(args).items() if k not in ("command", "config") and not k.startswith("_")}
     if args.command == "extract":
         from .data import FilterConfig
         from .extract import ExtractConfig, run_extract
@@ -171,18 +245,20 @@ def main(argv=None) -> int:
     elif args.command == "train":
         from .train import TrainConfig, run_train
 
-        _require(args, "data", "out")
-        result = run_train(TrainConfig(**d))
+        _require(args, "out")  # --data may come from the checkpoint when resuming
+        result = run_train(TrainConfig(**d), explicit=args._explicit)
         result.pop("model", None)
         print(json.dumps(result, indent=2, default=str))
     elif args.command == "eval":
-        from .train import TrainConfig, run_eval
+        from .train import TrainConfig, describe_eval, run_eval
 
         _require(args, "checkpoint", "data")
         cfg = TrainConfig(val_fraction=d["val_fraction"], eval_batch_size=d["eval_batch_size"],
                           eval_max_batches=d["eval_max_batches"], lam=d["lam"], temperature=d["temperature"],
                           similarity=d["similarity"], seed=d["seed"])
-        print(json.dumps(run_eval(d["checkpoint"], d["data"], cfg, all_data=d["all"]), indent=2))
+        metrics = run_eval(d["checkpoint"], d["data"], cfg, all_data=d["all"])
+        print(describe_eval(metrics), file=sys.stderr)
+        print(json.dumps(metrics, indent=2))
     elif args.command == "export":
         from .train import export
 

@@ -269,11 +269,24 @@ def mask_check(mask: np.ndarray, filters: FilterConfig) -> str | None:
 
 def read_records(manifest: str | Path | None = None, coco_captions=None, coco_instances=None, coco_images=None,
                  skips: SkipCounter | None = None) -> list[Record]:
+    from .errors import DataError
+
     if manifest:
+        if not Path(manifest).is_file():
+            raise DataError(f"--manifest {manifest} not found (a JSONL file, one example per line).")
         return read_jsonl(manifest, skips)
     if coco_captions and coco_instances and coco_images:
-        return read_coco(coco_captions, coco_instances, coco_images, skips)
-    raise ValueError("Give --manifest FILE.jsonl, or --coco-captions, --coco-instances and --coco-images.")
+        for flag, path in (("--coco-captions", coco_captions), ("--coco-instances", coco_instances)):
+            if not Path(path).is_file():
+                raise DataError(f"{flag} {path} not found.")
+        if not Path(coco_images).is_dir():
+            raise DataError(f"--coco-images {coco_images} is not a folder.")
+        try:
+            return read_coco(coco_captions, coco_instances, coco_images, skips)
+        except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not COCO's layout
+            raise DataError(f"{coco_captions} / {coco_instances} are not COCO caption/instance files "
+                            f"({type(exc).__name__}: {str(exc)[:200]}).") from exc
+    raise DataError("Give --manifest FILE.jsonl, or --coco-captions, --coco-instances and --coco-images.")
 
 
 def record_to_json(rec: Record) -> dict[str, Any]:

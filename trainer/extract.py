@@ -16,8 +16,9 @@ from ..core.canny import canny_edges
 from ..core.clip import load_clip, prepare_subject
 from ..core.errors import InterleaveError
 from ..core.interleave import find_spans, plan_positions
-from ..core.loading import save_file_atomic, write_json_atomic
 from .data import FilterConfig, Record, SkipCounter, mask_check, read_records, record_to_json, subject_mask
+from .errors import ConfigError, ExtractError
+from .fsio import save_file_atomic, write_json_atomic
 from .store import shard_done, write_index, write_shard
 
 log = logging.getLogger("lambda_eclipse.trainer")
@@ -190,32 +191,58 @@ def _plan_fingerprint(records: list[Record], cfg: ExtractConfig) -> str:
     return h.hexdigest()
 
 
+def validate_extract_config(cfg: ExtractConfig):
+    """Ranges and cross-checks of the settings, before anything is read or written (ConfigError)."""
+    from .settings import EXTRACT_RULES, FILTER_RULES, check_value
+
+    if not cfg.clip:
+        raise ConfigError("extract: missing --clip")
+    if not cfg.out:
+        raise ConfigError("extract: missing --out")
+    problems = [check_value(name, getattr(cfg, name), rule) for name, rule in EXTRACT_RULES.items()]
+    problems += [check_value(name, getattr(cfg.filters, name), rule) for name, rule in FILTER_RULES.items()]
+    f = cfg.filters
+    if f.min_box_area > f.max_box_area:
+        problems.append(f"--min-box-area ({f.min_box_area}) must not exceed --max-box-area ({f.max_box_area})")
+    if f.min_subjects > f.max_subjects:
+        problems.append(f"--min-subjects ({f.min_subjects}) must not exceed --max-subjects ({f.max_subjects})")
+    if cfg.canny_low > cfg.canny_high:
+        problems.append(f"--canny-low ({cfg.canny_low}) must not exceed --canny-high ({cfg.canny_high})")
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def run_extract(cfg: ExtractConfig) -> dict:
     """Extract every shard not yet done; this process takes shards rank, rank+world, …. Returns the index (main process)."""
     from accelerate import PartialState
 
+    validate_extract_config(cfg)
     state = PartialState(cpu=cfg.device == "cpu")
     device = cfg.device or str(state.device)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     manifest_skips = SkipCounter()
     records = read_records(cfg.manifest, cfg.coco_captions, cfg.coco_instances, cfg.coco_images, manifest_skips)
     if cfg.limit:
         records = records[: cfg.limit]
     fingerprint = _plan_fingerprint(records, cfg)
     plan_path = out / "plan.json"
+    if plan_path.is_file():
+        try:
+            old = json.loads(plan_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}
+        if not isinstance(old, dict) or old.get("fingerprint") != fingerprint:
+            raise ExtractError(
+                f"{out} holds features of a different dataset/settings (plan.json fingerprint differs). "
+                "Use a new --out folder, or delete this one to start over.")
+    clip = load_clip(cfg.clip, device=device, dtype=cfg.dtype)
+    # Nothing has been written before this point: bad input leaves --out as it was.
     if state.is_main_process:
-        if plan_path.is_file():
-            old = json.loads(plan_path.read_text())
-            if old.get("fingerprint") != fingerprint:
-                raise SystemExit(
-                    f"{out} holds features of a different dataset/settings (plan.json fingerprint differs). "
-                    "Use a new --out folder, or delete this one to start over.")
-        else:
+        out.mkdir(parents=True, exist_ok=True)
+        if not plan_path.is_file():
             write_json_atomic({"fingerprint": fingerprint, "records": len(records), "shard_size": cfg.shard_size}, plan_path)
     state.wait_for_everyone()
-
-    clip = load_clip(cfg.clip, device=device, dtype=cfg.dtype)
     n_shards = max(1, -(-len(records) // cfg.shard_size))
     mine = [k for k in range(n_shards) if k % state.num_processes == state.process_index]
     todo = [k for k in mine if shard_done(out, k) is None]
@@ -239,7 +266,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     for k in range(n_shards):
         side = shard_done(out, k)
         if side is None:
-            raise SystemExit(f"Shard {k} is not finished (another process failed?). Rerun extract to complete it.")
+            raise ExtractError(f"Shard {k} is not finished (another process failed?). Rerun extract to complete it.")
         sidecars.append(side)
     skipped_manifest = {k: v for k, v in manifest_skips.items()}
     info = {

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import LambdaEclipseError
-from ..core.loading import save_file_atomic, write_json_atomic
+from .errors import DataError
+from .fsio import save_file_atomic, write_json_atomic
 
 FORMAT = "lambda-eclipse-features/1"
 
 
-class ShardError(LambdaEclipseError):
+class ShardError(DataError):
     """A feature shard is missing, torn or corrupt."""
 
 
@@ -186,10 +186,23 @@ class FeatureStore:
         if not index_path.is_file():
             raise ShardError(f"{index_path} not found: run `python -m lambda_eclipse.trainer extract --out {self.folder}` first "
                              "(an interrupted extract writes the index when it finishes; rerun it to resume).")
-        self.index = json.loads(index_path.read_text())
-        if self.index.get("format") != FORMAT:
-            raise ShardError(f"{index_path} is not a λ-ECLIPSE feature index (format {self.index.get('format')!r}).")
-        self.shards = [s for s in self.index["shards"] if s["examples"] > 0]
+        try:
+            self.index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ShardError(f"{index_path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}). Rerun "
+                             f"`python -m lambda_eclipse.trainer extract --out {self.folder}` with the same arguments "
+                             "to rewrite it (finished shards are kept).") from exc
+        if not isinstance(self.index, dict) or self.index.get("format") != FORMAT:
+            fmt = self.index.get("format") if isinstance(self.index, dict) else None
+            raise ShardError(f"{index_path} is not a λ-ECLIPSE feature index (format {fmt!r}).")
+        try:
+            self.shards = [s for s in self.index["shards"] if s["examples"] > 0]
+            self.embed_dim = int(self.index["embed_dim"])
+            self.context_length = int(self.index["context_length"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ShardError(f"{index_path} is incomplete ({type(exc).__name__}: {exc}). Rerun "
+                             f"`python -m lambda_eclipse.trainer extract --out {self.folder}` with the same arguments "
+                             "to rewrite it (finished shards are kept).") from exc
         self.sizes = [s["examples"] for s in self.shards]
         self.offsets = [0]
         for n in self.sizes:
@@ -200,13 +213,28 @@ class FeatureStore:
         self._order: list[int] = []
         from safetensors.torch import load_file
 
-        meta = load_file(str(self.folder / "meta.safetensors"))
-        self.blank = meta["blank"].float()
-        self.embed_dim = int(self.index["embed_dim"])
-        self.context_length = int(self.index["context_length"])
+        meta_path = self.folder / "meta.safetensors"
+        try:
+            meta = load_file(str(meta_path))
+            self.blank = meta["blank"].float()
+        except Exception as exc:  # missing or torn file, no 'blank' tensor
+            raise ShardError(f"{meta_path} is missing or unreadable ({type(exc).__name__}: {str(exc)[:200]}). Rerun "
+                             f"`python -m lambda_eclipse.trainer extract --out {self.folder}` with the same arguments "
+                             "to rewrite it (finished shards are kept).") from exc
 
     def __len__(self):
         return self.offsets[-1]
+
+    def check_files(self):
+        """Cheap up-front check (no hashing): every shard is present with the size the index gives, so a missing
+        or torn shard stops a run before anything is written rather than mid-run. ShardError names the first one."""
+        for info in self.shards:
+            path = self.folder / "shards" / info["file"]
+            if not path.is_file():
+                raise ShardError(f"Feature shard {path} is missing. {fix_hint(path)}")
+            size = path.stat().st_size
+            if info.get("bytes") is not None and size != info["bytes"]:
+                raise ShardError(f"Feature shard {path} is torn ({size} bytes, the index says {info['bytes']}). {fix_hint(path)}")
 
     def shard(self, i: int) -> Shard:
         if i in self._cache:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import math
@@ -17,10 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.loading import save_file_atomic, write_json_atomic
+from ..core.errors import LambdaEclipseError
 from ..core.prior import LambdaEclipsePrior, PriorConfig, load_prior, save_prior
 from .batches import Split, TrainStream, eval_batches
+from .errors import CheckpointError, ConfigError, ResumeError
+from .fsio import save_file_atomic, set_file_mode, set_tree_modes, write_json_atomic
 from .losses import prior_loss, retrieval_metrics
+from .settings import (FREE, LOCKED, MIN_RETRIEVAL_CANDIDATES, NOT_INHERITED, TRAIN_RULES, Change, check_value, flag,
+                       fmt_value, same_path)
 from .store import FeatureStore
 
 log = logging.getLogger("lambda_eclipse.trainer")
@@ -72,6 +77,7 @@ class TrainConfig:
     prefetch: int = 2
     verify_shards: bool = True
     tensorboard: bool = True
+    force: bool = False  # resume even where hyperparameters differ from the checkpoint's (see TRAINING.md)
     crash_at_step: int | None = None  # test hook: raise after this optimizer step
 
     @classmethod
@@ -79,8 +85,23 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         bad = sorted(set(d) - known)
         if bad:
-            raise ValueError(f"Unknown training settings: {bad}")
+            raise ConfigError(f"Unknown training settings: {bad}")
         return cls(**d)
+
+    def validate(self) -> "TrainConfig":
+        """Every numeric setting within its range (settings.TRAIN_RULES) and every choice known; ConfigError otherwise."""
+        problems = [check_value(name, getattr(self, name), rule) for name, rule in TRAIN_RULES.items()]
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                problems.append(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        problems = [p for p in problems if p]
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
+
+
+CHOICES = {"schedule": ("cosine", "linear", "constant"), "similarity": ("cosine", "dot"), "mse_reduction": ("mean", "sum"),
+           "mixed_precision": ("no", "bf16", "fp16")}
 
 
 def model_config(spec: str) -> PriorConfig:
@@ -92,8 +113,11 @@ def model_config(spec: str) -> PriorConfig:
         return PriorConfig(**TINY_PRIOR_CONFIG.__dict__)
     path = Path(spec)
     if path.is_file():
-        return PriorConfig.from_dict(json.loads(path.read_text()))
-    raise ValueError(f"--model must be 'paper', 'tiny' or a config.json path, not {spec!r}")
+        try:
+            return PriorConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"--model {spec}: not a prior config.json ({type(exc).__name__}: {str(exc)[:200]}).") from exc
+    raise ConfigError(f"--model must be 'paper', 'tiny' or the path of a config.json, not {spec!r}")
 
 
 def init_model(cfg: TrainConfig) -> LambdaEclipsePrior:
@@ -184,6 +208,7 @@ def save_checkpoint(accelerator, out: Path, step: int, model, optimizer, schedul
                           tmp / "trainer_state.json")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        set_tree_modes(tmp)  # torch.save / every rank's files: the mode a plain open() gives, whatever wrote them
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -193,12 +218,26 @@ def save_checkpoint(accelerator, out: Path, step: int, model, optimizer, schedul
     return final
 
 
+def read_trainer_state(path: Path) -> dict:
+    try:
+        state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a readable training checkpoint (trainer_state.json: {type(exc).__name__}: "
+                              f"{str(exc)[:200]}). Give a checkpoints/step-N folder or a run folder.") from exc
+    return state
+
+
 def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:
     from safetensors.torch import load_file
 
-    state = json.loads((path / "trainer_state.json").read_text())
-    accelerator.unwrap_model(model).load_state_dict(load_file(str(path / "model.safetensors")))
-    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    state = read_trainer_state(path)
+    try:
+        accelerator.unwrap_model(model).load_state_dict(load_file(str(path / "model.safetensors")))
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    except Exception as exc:  # missing / torn file, other architecture
+        raise CheckpointError(f"Checkpoint {path} cannot be loaded ({type(exc).__name__}: {str(exc)[:300]}). Delete it to "
+                              "resume from the one before, or pass another with --resume.") from exc
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     if opt.get("scaler") and accelerator.scaler is not None:
@@ -251,6 +290,7 @@ def evaluate(model, split: Split, cfg: TrainConfig, device) -> dict[str, float]:
     model.eval()
     totals: dict[str, float] = {}
     n = 0
+    among = 0
     for batch in eval_batches(split, cfg.eval_batch_size, cfg.seed, cfg.eval_max_batches):
         pred = model.predict(batch.noise.to(device), batch.pooled.to(device), batch.tokens.to(device),
                              batch.mask.to(device), batch.control.to(device)).float()
@@ -262,8 +302,199 @@ def evaluate(model, split: Split, cfg: TrainConfig, device) -> dict[str, float]:
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v * b
         n += b
+        among = b if not among else min(among, b)
     model.train(was)
-    return {k: v / n for k, v in totals.items()} if n else {}
+    if not n:
+        return {}
+    out = {k: v / n for k, v in totals.items()}
+    out["examples"] = n  # how many held-out examples the figures average over
+    out["retrieval_among"] = among  # top-1/top-5 candidates per example (chance = 1/among)
+    return out
+
+
+def retrieval_caveat(examples: int, among: int, where: str = "held-out split") -> str | None:
+    """A warning when top-1/top-5 retrieval is among too few candidates to mean anything, else None."""
+    if not examples or among >= MIN_RETRIEVAL_CANDIDATES:
+        return None
+    advice = (f"use at least {MIN_RETRIEVAL_CANDIDATES} examples (more data, a larger --val-fraction, --val-data, "
+              "or eval --all true)")
+    if among <= 1:
+        return (f"the {where} has {examples} example{'s' if examples != 1 else ''}: top-1/top-5 retrieval among a "
+                f"single candidate is always 1.0 and means nothing; {advice}.")
+    return (f"the {where} has {examples} examples: top-1/top-5 retrieval is among only {among} candidates "
+            f"(chance 1/{among} = {1 / among:.3f}), too few to mean much; {advice}.")
+
+
+def describe_eval(m: dict) -> str:
+    """One line of held-out figures with the count beside them."""
+    if not m:
+        return "no held-out examples"
+    return (f"top-1 {m['top1']:.3f}, top-5 {m['top5']:.3f}, cosine {m['cosine']:.3f}, loss {m['loss']:.4f} "
+            f"(n={m['examples']} example{'s' if m['examples'] != 1 else ''}, retrieval among {m['retrieval_among']})")
+
+
+# -- resume: what may change --------------------------------------------------------------------------
+
+@dataclass
+class ResumePlan:
+    checkpoint: Path
+    step: int
+    saved: dict  # the checkpoint's trainer_state.json
+    inherited: dict  # options not given that took the checkpoint's (non-default) value
+    free: list  # [Change] of settings that do not touch the training math
+    forced: list  # [Change] of hyperparameters changed with --force
+
+
+def find_resume_checkpoint(cfg: TrainConfig, out: Path) -> Path | None:
+    if cfg.resume in ("none", "", None):
+        return None
+    if cfg.resume == "auto":
+        found = checkpoint_dirs(out)
+        return found[-1] if found else None
+    path = Path(cfg.resume)
+    if not path.exists():
+        raise CheckpointError(f"--resume {path} does not exist (give 'auto', 'none', a checkpoints/step-N folder or a run folder).")
+    return resolve_checkpoint(path)
+
+
+def _index_fingerprint(folder) -> str | None:
+    try:
+        return json.loads((Path(folder) / "index.json").read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _same_setting(name: str, old, new, saved: dict, ckpt: Path) -> bool:
+    if name in ("data", "val_data"):
+        if same_path(old, new):
+            return True
+        # the same features moved elsewhere are the same data
+        fp = saved.get(f"{name}_fingerprint")
+        return bool(old and new and fp and _index_fingerprint(new) == fp)
+    if name == "init_from":
+        return same_path(old, new)
+    if name == "model":
+        if old == new:
+            return True
+        try:  # 'tiny' and a config.json of the same shape are the same model
+            have = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+            return model_config(new).to_dict() == PriorConfig.from_dict(have).to_dict()
+        except Exception:
+            return False
+    return old == new
+
+
+def reconcile_resume(cfg: TrainConfig, explicit: set[str] | None, ckpt: Path) -> tuple[TrainConfig, ResumePlan]:
+    """The settings a resumed run goes on with: options not given take the checkpoint's values; a given value that
+    differs is refused (ResumeError) unless it is harmless (FREE), or a hyperparameter with --force. Settings that
+    define the run (LOCKED: data, split, model) are refused even with --force."""
+    saved = read_trainer_state(ckpt)
+    old_cfg = saved.get("config") or {}
+    names = [f.name for f in fields(TrainConfig) if f.name not in NOT_INHERITED]
+    given = set(names) if explicit is None else set(explicit)
+    values = asdict(cfg)
+    if not values.get("data"):
+        given.discard("data")  # an empty --data is "not given", also from the Python API
+    defaults = asdict(TrainConfig())
+    inherited, free, forced, locked = {}, [], [], []
+    for name in names:
+        if name not in old_cfg:  # a setting newer than the checkpoint
+            continue
+        old = old_cfg[name]
+        if name not in given:
+            values[name] = old
+            if old != defaults.get(name):
+                inherited[name] = old
+            continue
+        new = values[name]
+        if _same_setting(name, old, new, saved, ckpt):
+            continue
+        change = Change(name, old, new)
+        (locked if name in LOCKED else free if name in FREE else forced).append(change)
+    where = f"Resuming from {ckpt} (step {int(saved['step'])})"
+    if locked:
+        msg = (f"{where} would change settings that define the run, which cannot change even with --force:\n  "
+               + "\n  ".join(map(str, locked))
+               + "\nOmit them (or give the checkpoint's values) to continue this run, or start a new run in a new --out folder.")
+        if forced:
+            msg += "\nAlso different (allowed only with --force):\n  " + "\n  ".join(map(str, forced))
+        raise ResumeError(msg)
+    if forced and not cfg.force:
+        raise ResumeError(
+            f"{where} with settings that differ from the checkpoint's:\n  " + "\n  ".join(map(str, forced))
+            + "\nOmit them (or give the checkpoint's values) to continue with the checkpoint's settings, or add --force to "
+              "continue with the new values (the run is then no longer bit-identical to an uninterrupted one).")
+    new_cfg = TrainConfig(**values)
+    try:
+        new_cfg.validate()
+    except ConfigError as exc:
+        raise ResumeError(f"{where}: the checkpoint's settings are not valid any more ({exc}). Give valid values "
+                          "explicitly (with --force where they differ).") from exc
+    return new_cfg, ResumePlan(ckpt, int(saved["step"]), saved, inherited, free, forced)
+
+
+def _log_resume_plan(plan: ResumePlan, explicit_known: bool):
+    if explicit_known:
+        if plan.inherited:
+            log.info("resume: options not given take the checkpoint's values: %s",
+                     ", ".join(f"{flag(k)} {fmt_value(v)}" for k, v in plan.inherited.items()))
+        else:
+            log.info("resume: options not given take the checkpoint's values (all of them the defaults)")
+    if plan.free:
+        log.info("resume: changed (training math unaffected): %s", "; ".join(map(str, plan.free)))
+    if plan.forced:
+        log.warning("resume with --force: %s; the run is no longer bit-identical to an uninterrupted one",
+                    "; ".join(map(str, plan.forced)))
+
+
+def _check_resumed_data(plan: ResumePlan, name: str, store: FeatureStore | None, folder):
+    want = plan.saved.get(f"{name}_fingerprint")
+    if store is None or not want:
+        return
+    have = store.index.get("fingerprint")
+    if have != want:
+        raise ResumeError(
+            f"Resuming from {plan.checkpoint}: the features in {folder} are not the ones the checkpoint was trained on "
+            f"(index fingerprint {str(have)[:12]}… ≠ {want[:12]}…; extracted again from other data or settings?). This "
+            f"cannot change within a run, even with --force: point {flag(name)} at the original features, or start a "
+            "new run in a new --out folder.")
+
+
+def _apply_forced(plan: ResumePlan, cfg: TrainConfig, optimizer, scheduler):
+    """The checkpoint's optimizer/scheduler state holds the old lr, betas, eps and decay: put the new ones in."""
+    if not plan.forced:
+        return
+    lam = lr_lambda(cfg)
+    scheduler.lr_lambdas = [lam for _ in optimizer.param_groups]
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group.update(initial_lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                     eps=cfg.adam_eps, lr=cfg.lr * lam(scheduler.last_epoch))
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def _write_train_config(out: Path, cfg: TrainConfig, plan: ResumePlan | None):
+    """train_config.json: the settings in force (top level) and the run's history of starts, resumes and changes."""
+    path = out / "train_config.json"
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if plan is None:
+        history = [{"event": "start", "time": now, "config": asdict(cfg)}]
+    else:
+        history = []
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            history = list(old.get("history") or []) if isinstance(old, dict) else []
+        except (OSError, ValueError):
+            pass
+        if not history:
+            history = [{"event": "start", "config": plan.saved.get("config"), "note": "recorded from " + str(plan.checkpoint)}]
+        entry = {"event": "resume", "time": now, "step": plan.step, "from": str(plan.checkpoint)}
+        if plan.forced:
+            entry["forced"] = {c.name: c.to_json() for c in plan.forced}
+        if plan.free:
+            entry["changed"] = {c.name: c.to_json() for c in plan.free}
+        history.append(entry)
+    write_json_atomic({**asdict(cfg), "history": history}, path)
 
 
 # -- the loop --------------------------------------------------------------------------------------
@@ -276,11 +507,26 @@ def set_deterministic(seed: int):
         torch.backends.cudnn.deterministic = True
 
 
-def run_train(cfg: TrainConfig, accelerator=None) -> dict:
-    """Train; returns {"step", "final_checkpoint", "val": last eval metrics, "out"}."""
+def run_train(cfg: TrainConfig, accelerator=None, explicit: set[str] | None = None) -> dict:
+    """Train; returns {"step", "final_checkpoint", "val": last eval metrics, "out"}.
+
+    `explicit`: the settings the user gave (the command line passes them). When resuming, the others take the
+    checkpoint's values. None (the Python API's default) counts every field as given.
+    Every check runs before anything is written: a refused run leaves --out as it was.
+    """
     from accelerate import Accelerator
 
+    cfg.validate()
+    if not cfg.out:
+        raise ConfigError("train: missing --out")
     out = Path(cfg.out)
+    resume_from = find_resume_checkpoint(cfg, out)
+    plan = None
+    if resume_from is not None:
+        cfg, plan = reconcile_resume(cfg, explicit, resume_from)
+    if not cfg.data:
+        raise ConfigError("train: missing --data")
+
     if accelerator is None:
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
     if cfg.deterministic:
@@ -288,12 +534,9 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     torch.manual_seed(cfg.seed + accelerator.process_index)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(asdict(cfg), out / "train_config.json")
-    accelerator.wait_for_everyone()
 
     store = FeatureStore(cfg.data, verify=cfg.verify_shards, cache_shards=max(2, cfg.shuffle_shards + 1))
+    val_store = None
     if cfg.val_data:
         train_split = Split.make(store, 0.0, want_val=False)
         val_store = FeatureStore(cfg.val_data, verify=cfg.verify_shards)
@@ -301,11 +544,35 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     else:
         train_split = Split.make(store, cfg.val_fraction, want_val=False)
         val_split = Split.make(FeatureStore(cfg.data, verify=cfg.verify_shards), cfg.val_fraction, want_val=True)
+    store.check_files()
+    if val_store is not None:
+        val_store.check_files()
+    if plan is not None:
+        _check_resumed_data(plan, "data", store, cfg.data)
+        _check_resumed_data(plan, "val_data", val_store, cfg.val_data)
+    world = accelerator.num_processes
+    if cfg.batch_size % world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world}).")
+    if train_split.size < cfg.batch_size:
+        held = f", after holding out {val_split.size} with --val-fraction {cfg.val_fraction}" if not cfg.val_data else ""
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training split: {train_split.size} examples "
+                          f"in {cfg.data}{held}. Use --batch-size {train_split.size} or less, or more data.")
 
     model = init_model(cfg)
     if model.config.embedding_dim != store.embed_dim:
-        raise ValueError(f"The prior's embedding_dim is {model.config.embedding_dim} but the features are {store.embed_dim}-d "
-                         f"(CLIP {store.index.get('clip')}). Use a matching --model / --init-from.")
+        raise ConfigError(f"The prior's embedding_dim is {model.config.embedding_dim} but the features are {store.embed_dim}-d "
+                          f"(CLIP {store.index.get('clip')}). Use a matching --model / --init-from.")
+    if accelerator.is_main_process:
+        if plan is not None:
+            _log_resume_plan(plan, explicit is not None)
+        if val_split.size == 0:
+            log.warning("no held-out examples (--val-fraction %s of %d examples%s): no evaluation will be reported",
+                        cfg.val_fraction, len(store), f", --val-data {cfg.val_data}" if cfg.val_data else "")
+        else:
+            caveat = retrieval_caveat(val_split.size, min(cfg.eval_batch_size, val_split.size))
+            if caveat:
+                log.warning(caveat)
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
@@ -313,36 +580,48 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     step = 0
-    resume_from = None
-    if cfg.resume not in ("none", "", None):
-        if cfg.resume == "auto":
-            found = checkpoint_dirs(out)
-            resume_from = found[-1] if found else None
-        else:
-            resume_from = Path(cfg.resume)
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator, model, optimizer, scheduler)
         step = int(state["step"])
+        _apply_forced(plan, cfg, optimizer, scheduler)
         log.info("resumed from %s at step %d", resume_from, step)
-    if accelerator.is_main_process:
-        for stale in (out / "checkpoints").glob("*.tmp") if (out / "checkpoints").is_dir() else []:
-            shutil.rmtree(stale, ignore_errors=True)  # a checkpoint cut off mid-write
 
     stream = TrainStream(train_split, cfg.seed, cfg.batch_size, accelerator.process_index, accelerator.num_processes,
                          cfg.edge_drop, cfg.shuffle_shards, cfg.prefetch)
-    metrics = MetricLog(out, step, cfg.tensorboard) if accelerator.is_main_process else None
-    device = accelerator.device
     accum = cfg.grad_accum
+    micro_gen = stream.iterate(step * accum, cfg.max_steps * accum)
+    try:  # the first batch loads (and verifies) its shards before anything is written
+        first = [next(micro_gen)] if step < cfg.max_steps else []
+    except BaseException:
+        micro_gen.close()
+        raise
+    micro_iter = itertools.chain(first, micro_gen)
+
+    # Nothing has been written before this point: a refused or failed start leaves --out as it was.
+    try:
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_train_config(out, cfg, plan)
+            for stale in (out / "checkpoints").glob("*.tmp") if (out / "checkpoints").is_dir() else []:
+                shutil.rmtree(stale, ignore_errors=True)  # a checkpoint cut off mid-write
+        accelerator.wait_for_everyone()
+        metrics = MetricLog(out, step, cfg.tensorboard) if accelerator.is_main_process else None
+    except BaseException:
+        micro_gen.close()
+        raise
+    device = accelerator.device
     last_val: dict = {}
     t0, seen = time.time(), 0
     run_sum: dict[str, float] = {}
     run_n = 0
+    data_ids = {"data_fingerprint": store.index.get("fingerprint"), "data_examples": len(store)}
+    if val_store is not None:
+        data_ids.update(val_data_fingerprint=val_store.index.get("fingerprint"), val_data_examples=len(val_store))
     if accelerator.is_main_process:
         log.info("training %.1fM params on %d examples (%d held out), global batch %d×%d, %d steps/epoch, %d processes",
                  accelerator.unwrap_model(model).num_parameters / 1e6, train_split.size, val_split.size, cfg.batch_size,
                  accum, stream.per_epoch // accum, accelerator.num_processes)
 
-    micro_iter = stream.iterate(step * accum, cfg.max_steps * accum)
     try:
         while step < cfg.max_steps:
             model.train()
@@ -383,6 +662,7 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
                 if accelerator.is_main_process:
                     last_val = evaluate(accelerator.unwrap_model(model), val_split, cfg, device)
                     metrics.write({"step": step, "split": "val", "epoch": epoch, **last_val, "time": round(time.time(), 3)})
+                    log.info("step %d  held-out: %s", step, describe_eval(last_val))
                     try:
                         from .plot import plot_curves
 
@@ -393,11 +673,11 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 save_checkpoint(accelerator, out, step, model, optimizer, scheduler, cfg,
                                 {"epoch": epoch, "micro_step": step * accum, "val": last_val,
-                                 "interleave_failures": stream.assembler.interleave_failures})
+                                 "interleave_failures": stream.assembler.interleave_failures, **data_ids})
             if cfg.crash_at_step is not None and step == cfg.crash_at_step:
                 raise SimulatedCrash(f"crash_at_step={step}")
     finally:
-        micro_iter.close()
+        micro_gen.close()
         if metrics is not None:
             metrics.close()
     final = checkpoint_dirs(out)[-1] if checkpoint_dirs(out) else None
@@ -419,9 +699,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / "trainer_state.json").is_file():
         return path
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (expected a run folder, its checkpoints/step-N/ folder, "
+                              "or an exported prior).")
     found = checkpoint_dirs(path)
     if not found:
-        raise FileNotFoundError(f"No checkpoint in {path} (expected {path}/checkpoints/step-N/ or a step-N/ folder).")
+        raise CheckpointError(f"No checkpoint in {path} (expected {path}/checkpoints/step-N/ or a step-N/ folder).")
     return found[-1]
 
 
@@ -429,23 +712,63 @@ def model_from_checkpoint(path: str | Path) -> LambdaEclipsePrior:
     from safetensors.torch import load_file
 
     ckpt = resolve_checkpoint(path)
-    model = LambdaEclipsePrior(PriorConfig.from_dict(json.loads((ckpt / "config.json").read_text())))
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    try:
+        model = LambdaEclipsePrior(PriorConfig.from_dict(json.loads((ckpt / "config.json").read_text(encoding="utf-8"))))
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    except Exception as exc:  # missing / torn config.json or weights
+        raise CheckpointError(f"Checkpoint {ckpt} cannot be loaded ({type(exc).__name__}: {str(exc)[:300]}). Use an "
+                              "earlier checkpoint (checkpoints/step-N/) or rerun the training to rewrite it.") from exc
     return model.eval()
 
 
 def export(checkpoint: str | Path, out: str | Path, single_file: bool = False, dtype: str = "fp32") -> Path:
-    """Checkpoint → exactly what core.prior.load_prior (the Load Prior node) reads."""
-    return save_prior(model_from_checkpoint(checkpoint), out, single_file=single_file, dtype=dtype)
+    """Checkpoint → exactly what core.prior.load_prior (the Load Prior node) reads, readable by other users (0644)."""
+    from ..core.loading import resolve_dtype
+
+    try:
+        resolve_dtype(dtype)
+    except ValueError as exc:
+        raise ConfigError(f"--dtype {dtype!r}: use fp32, fp16 or bf16.") from exc
+    target = Path(out)
+    if single_file and target.is_dir():
+        raise ConfigError(f"--out {target} is a folder; with --single-file give the path of a .safetensors file.")
+    if not single_file and target.exists() and not target.is_dir():
+        raise ConfigError(f"--out {target} is a file; give a folder, or add --single-file true to write one .safetensors.")
+    path = save_prior(model_from_checkpoint(checkpoint), target, single_file=single_file, dtype=dtype)
+    # save_prior's files get the mode a plain open() gives (0644 with umask 022), however they were written.
+    for written in ([path] if single_file else [path / "diffusion_pytorch_model.safetensors", path / "config.json"]):
+        if written.is_file():
+            set_file_mode(written)
+    return path
 
 
 def run_eval(checkpoint_or_prior: str | Path, data: str, cfg: TrainConfig, all_data: bool = False) -> dict:
-    """Metrics of a checkpoint, run dir or exported prior on a feature folder (its held-out split, or all of it)."""
+    """Metrics of a checkpoint, run dir or exported prior on a feature folder (its held-out split, or all of it).
+
+    The result carries `examples` (how many were evaluated) and `retrieval_among` (top-1/top-5 candidates); a
+    warning is logged when there are too few for the retrieval figures to mean anything.
+    """
     path = Path(checkpoint_or_prior)
+    if not path.exists():
+        raise CheckpointError(f"--checkpoint {path} does not exist (give a run folder, a checkpoints/step-N/ folder "
+                              "or an exported prior).")
     try:
         model = model_from_checkpoint(path)
-    except FileNotFoundError:
-        model = load_prior(path)
+    except CheckpointError as not_ckpt:
+        try:
+            model = load_prior(path)
+        except LambdaEclipseError as not_prior:
+            raise CheckpointError(f"{path} is neither a training checkpoint ({not_ckpt}) nor an exported prior "
+                                  f"({not_prior}).") from not_prior
     store = FeatureStore(data, verify=cfg.verify_shards)
+    store.check_files()
     split = Split.make(store, 0.0 if all_data else cfg.val_fraction, want_val=not all_data)
-    return evaluate(model, split, cfg, torch.device("cpu"))
+    if split.size == 0:
+        raise ConfigError(f"No held-out examples in {data} with --val-fraction {cfg.val_fraction} ({len(store)} examples): "
+                          "use --all true to evaluate on all of them, or a larger --val-fraction.")
+    metrics = evaluate(model, split, cfg, torch.device("cpu"))
+    caveat = retrieval_caveat(metrics["examples"], metrics["retrieval_among"],
+                              "evaluated data" if all_data else "held-out split")
+    if caveat:
+        log.warning(caveat)
+    return metrics
