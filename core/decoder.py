@@ -1,48 +1,49 @@
-"""The Kandinsky 2.2 decoder (UNet + MoVQ + scheduler from a diffusers folder): image embeddings → pixels.
+"""The Kandinsky 2.2 decoder (UNet + MoVQ + scheduler): image embeddings → pixels.
 
-`decode` repeats diffusers' `KandinskyV22Pipeline.__call__` operation for operation, with one seed per image.
+`decode` repeats diffusers' `KandinskyV22Pipeline.__call__` (and, with `init_image`,
+`KandinskyV22Img2ImgPipeline.__call__`) operation for operation, with one seed per image and a choice of
+diffusers samplers. Loading lives in `decoder_files`; its names are re-exported here.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import numbers
-import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .errors import InputError, MissingModelsError, ModelFileError
-from .loading import read_json, resolve_dtype
+from .errors import InputError, ModelFileError
+from .loading import resolve_dtype
 
 log = logging.getLogger("lambda_eclipse")
 
 DECODER_URL = "https://huggingface.co/kandinsky-community/kandinsky-2-2-decoder"
 DECODER_HUB_ID = "kandinsky-community/kandinsky-2-2-decoder"
-EXPECTED_FILES = (
-    "model_index.json",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "movq/config.json",
-    "movq/diffusion_pytorch_model.safetensors",
-    "scheduler/scheduler_config.json",
-)
-SUBFOLDERS = ("unet", "movq", "scheduler")
-# model_index.json classes whose unet/movq/scheduler are the text-to-image decoder.
-DECODER_PIPELINES = {
-    "KandinskyV22Pipeline",
-    "KandinskyV22Img2ImgPipeline",
-    "KandinskyV22CombinedPipeline",
-    "KandinskyV22Img2ImgCombinedPipeline",
-}
 LEARNED_VARIANCE = ("learned", "learned_range")
-_WEIGHT_STEM = "diffusion_pytorch_model"
 _HALF = (torch.float16, torch.bfloat16)
+
+# Sampler name → (diffusers scheduler class, config overrides). Each is built from the decoder's own
+# scheduler config with `from_config`, so betas, train steps, spacing and offset stay the model's.
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "euler_a")
+RECOMMENDED_STEPS = {"ddpm": 50, "ddim": 50, "dpmpp_2m": 20, "dpmpp_2m_karras": 20, "unipc": 20, "euler_a": 30}
+# DPM-Solver's own learned-variance handling keeps 3 channels (pixel models); the variance channels are
+# dropped here instead, so its variance_type is cleared.
+_DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2, "variance_type": None}
+_SAMPLER_SPECS: dict[str, tuple[str, dict]] = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(_DPMPP_2M)),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", dict(_DPMPP_2M, use_karras_sigmas=True)),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+}
+# Schedulers whose step() reads the learned-variance channels (the others get the noise channels only).
+_VARIANCE_READERS = ("DDPMScheduler", "DDPMParallelScheduler", "UnCLIPScheduler")
 
 
 @dataclass
@@ -87,9 +88,12 @@ class KandinskyDecoder:
         # Same formula as KandinskyV22Pipeline.__init__.
         return 2 ** (len(self.movq.config.block_out_channels) - 1)
 
-    def new_scheduler(self):
-        """A fresh scheduler built from the saved config (its `_class_name`; DDPMScheduler when absent)."""
-        return _scheduler_from_config(self.scheduler_config, self.source)
+    def new_scheduler(self, sampler: str | None = None):
+        """A fresh scheduler: `sampler` (one of SAMPLERS) built from the saved config, or with None the
+        class the config names (`_class_name`; DDPMScheduler when absent)."""
+        if sampler is None:
+            return _scheduler_from_config(self.scheduler_config, self.source)
+        return make_scheduler(self.scheduler_config, sampler, self.source)
 
 
 def _scheduler_from_config(config: Mapping[str, Any], where: str):
@@ -99,7 +103,7 @@ def _scheduler_from_config(config: Mapping[str, Any], where: str):
     cls = getattr(diffusers, name, None)
     if cls is None or not hasattr(cls, "from_config"):
         raise ModelFileError(
-            f"scheduler/scheduler_config.json of {where} names the scheduler class {name!r}, which this "
+            f"The scheduler config of {where} names the scheduler class {name!r}, which this "
             f"diffusers ({diffusers.__version__}) does not have. Use the published DDPMScheduler config from {DECODER_URL}."
         )
     try:
@@ -108,185 +112,27 @@ def _scheduler_from_config(config: Mapping[str, Any], where: str):
         raise ModelFileError(f"The scheduler config of {where} is not usable by {name} ({exc}).") from exc
 
 
-# -- loading ---------------------------------------------------------------------------------------
-
-def _expected_layout(folder: str | Path) -> str:
-    folder = Path(folder)
-    return "\n".join(f"    {folder / name}" for name in EXPECTED_FILES)
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not text.startswith((".", "/"))
+def check_sampler(sampler: str) -> str:
+    if sampler not in _SAMPLER_SPECS:
+        raise InputError(f"Unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}.")
+    return sampler
 
 
-def _check_unet_config(config: Mapping[str, Any], where: str, latent_channels: int | None = None):
-    hid_type = config.get("encoder_hid_dim_type")
-    if hid_type != "image_proj":
-        raise ModelFileError(
-            f"The UNet in {where} is not an image-embedding UNet (encoder_hid_dim_type={hid_type!r}; the "
-            "Kandinsky 2.2 decoder uses 'image_proj'). Kandinsky 2.1 ('text_image_proj') or Stable Diffusion "
-            f"UNets cannot decode λ-ECLIPSE embeddings. Use {DECODER_URL}."
-        )
-    added = config.get("addition_embed_type")
-    if added != "image":
-        hint = " (that is the ControlNet-depth decoder, which also needs a hint image)" if added == "image_hint" else ""
-        raise ModelFileError(
-            f"The UNet in {where} has addition_embed_type={added!r}{hint}; the text-to-image Kandinsky 2.2 "
-            f"decoder has 'image'. Use {DECODER_URL}."
-        )
-    in_channels = config.get("in_channels")
-    if latent_channels is not None and in_channels != latent_channels:
-        hint = " (the inpainting decoder takes image + mask channels)" if in_channels == 9 else ""
-        raise ModelFileError(
-            f"The UNet in {where} takes {in_channels} input channels but the MoVQ makes {latent_channels}-channel "
-            f"latents{hint}. Use the text-to-image decoder from {DECODER_URL}."
-        )
+def make_scheduler(scheduler_config: Mapping[str, Any], sampler: str = "ddpm", where: str = "the decoder"):
+    """The diffusers scheduler for `sampler`, built with `from_config` from the decoder's scheduler config."""
+    import diffusers
 
-
-def _weights_variant(folder: Path) -> tuple[bool, str | None]:
-    """(use_safetensors, variant) for a diffusers model folder; raises when it holds no weights."""
-    for variant in (None, "fp16"):
-        stem = _WEIGHT_STEM if variant is None else f"{_WEIGHT_STEM}.{variant}"
-        if (folder / f"{stem}.safetensors").is_file() or (folder / f"{stem}.safetensors.index.json").is_file():
-            return True, variant
-        if (folder / f"{stem}.bin").is_file() or (folder / f"{stem}.bin.index.json").is_file():
-            return False, variant
-    found = sorted(p.name for p in folder.iterdir())[:10]
-    raise ModelFileError(
-        f"No weights in {folder}: expected {_WEIGHT_STEM}.safetensors (or .bin); found {found}. "
-        f"Download it from {DECODER_URL} (folder {folder.name}/)."
-    )
-
-
-def _from_pretrained(cls, source: str, what: str, **kwargs):
+    class_name, overrides = _SAMPLER_SPECS[check_sampler(sampler)]
+    cls = getattr(diffusers, class_name)
     try:
-        return cls.from_pretrained(source, **kwargs)
-    except ModelFileError:
-        raise
-    except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError/SafetensorError
-        where = f"{source}/{kwargs['subfolder']}" if kwargs.get("subfolder") else source
-        raise ModelFileError(
-            f"The {what} weights in {where} could not be read ({type(exc).__name__}: {exc}). "
-            f"Re-download them from {DECODER_URL}; a partial download is the usual cause."
-        ) from exc
-
-
-def _reject_other_folder(folder: Path):
-    """Say what a folder is when it is clearly not the decoder."""
-    index = folder / "model_index.json"
-    if index.is_file():
-        name = read_json(index).get("_class_name")
-        if name in DECODER_PIPELINES:
-            return
-        if name == "KandinskyV22PriorPipeline":
-            raise ModelFileError(
-                f"{folder} is the Kandinsky 2.2 prior (model_index.json: {name}), not the decoder. "
-                f"The decoder is {DECODER_URL}."
-            )
-        raise ModelFileError(
-            f"{folder} is a {name or 'unknown'} folder (model_index.json), not the Kandinsky 2.2 decoder "
-            f"(KandinskyV22Pipeline). Download {DECODER_URL}."
-        )
-    config = folder / "config.json"
-    if config.is_file() and not (folder / "unet").is_dir():
-        name = read_json(config).get("_class_name")
-        if name == "PriorTransformer":
-            raise ModelFileError(
-                f"{folder} is a prior (config.json: PriorTransformer), not the Kandinsky 2.2 decoder. Load it as "
-                f"the λ-ECLIPSE prior; the decoder is a separate download: {DECODER_URL}."
-            )
-        raise ModelFileError(
-            f"{folder} holds a single {name or 'unknown'} model (config.json), not the Kandinsky 2.2 decoder "
-            f"pipeline folder. Expected:\n{_expected_layout(folder)}\nDownload: {DECODER_URL}"
-        )
-
-
-def _load_local(folder: Path, dtype: torch.dtype) -> KandinskyDecoder:
-    from diffusers import UNet2DConditionModel, VQModel
-
-    _reject_other_folder(folder)
-    missing = [name for name in SUBFOLDERS if not (folder / name).is_dir()]
-    if missing:
-        raise ModelFileError(
-            f"{folder} is not a complete Kandinsky 2.2 decoder folder: {', '.join(n + '/' for n in missing)} "
-            f"missing. Expected:\n{_expected_layout(folder)}\nDownload: {DECODER_URL}"
-        )
-    if not (folder / "model_index.json").is_file():
-        log.debug("%s has no model_index.json; loading unet/, movq/ and scheduler/ anyway", folder)
-    for name, file in (("unet", "config.json"), ("movq", "config.json"), ("scheduler", "scheduler_config.json")):
-        if not (folder / name / file).is_file():
-            raise ModelFileError(f"{folder / name / file} is missing. Download it from {DECODER_URL}.")
-
-    unet_config = read_json(folder / "unet" / "config.json")
-    movq_config = read_json(folder / "movq" / "config.json")
-    _check_unet_config(unet_config, str(folder / "unet"), movq_config.get("latent_channels", 4))
-    scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
-    _scheduler_from_config(scheduler_config, str(folder))  # fail now, not at the first decode
-    if (folder / "model_index.json").is_file():
-        listed = (read_json(folder / "model_index.json").get("scheduler") or [None, None])[-1]
-        named = scheduler_config.get("_class_name", "DDPMScheduler")
-        if listed and listed != named:
-            log.warning(
-                "%s: model_index.json lists the scheduler %s but scheduler_config.json says %s; using %s "
-                "(diffusers' from_pretrained would use %s).", folder, listed, named, named, listed,
-            )
-
-    parts = {}
-    for name, cls in (("unet", UNet2DConditionModel), ("movq", VQModel)):
-        use_safetensors, variant = _weights_variant(folder / name)
-        parts[name] = _from_pretrained(
-            cls, str(folder / name), name.upper() if name == "movq" else "UNet",
-            torch_dtype=dtype, use_safetensors=use_safetensors, variant=variant, local_files_only=True,
-        )
-    return KandinskyDecoder(parts["unet"].eval(), parts["movq"].eval(), dict(scheduler_config), str(folder))
-
-
-def _load_hub(repo_id: str, dtype: torch.dtype) -> KandinskyDecoder:
-    from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
-
-    unet = _from_pretrained(UNet2DConditionModel, repo_id, "UNet", subfolder="unet", torch_dtype=dtype)
-    movq = _from_pretrained(VQModel, repo_id, "MOVQ", subfolder="movq", torch_dtype=dtype)
-    _check_unet_config(unet.config, f"{repo_id}/unet", movq.config.latent_channels)
-    try:
-        scheduler_config = DDPMScheduler.load_config(repo_id, subfolder="scheduler")
+        return cls.from_config(dict(scheduler_config), **overrides)
     except Exception as exc:
-        raise ModelFileError(f"{repo_id}/scheduler/scheduler_config.json could not be read ({exc}).") from exc
-    scheduler_config = dict(scheduler_config)
-    _scheduler_from_config(scheduler_config, repo_id)
-    return KandinskyDecoder(unet.eval(), movq.eval(), scheduler_config, repo_id)
+        raise ModelFileError(f"The scheduler config of {where} is not usable by {class_name} ({exc}).") from exc
 
 
-def load_decoder(
-    path: str | os.PathLike, device="cpu", dtype="fp32", allow_download: bool = False
-) -> KandinskyDecoder:
-    """Load the Kandinsky 2.2 decoder from its diffusers folder (or, only if allowed, from a hub id)."""
-    torch_dtype = resolve_dtype(dtype)
-    text = os.fspath(path)
-    folder = Path(text).expanduser()
-    if folder.exists():
-        if not folder.is_dir():
-            raise ModelFileError(
-                f"{folder} is a file; the Kandinsky 2.2 decoder is a diffusers folder. Give the folder that "
-                f"holds:\n{_expected_layout('<decoder folder>')}\nDownload: {DECODER_URL}"
-            )
-        decoder = _load_local(folder, torch_dtype)
-    elif allow_download and _looks_like_hub_id(text):
-        log.info("downloading the decoder %s from the Hugging Face hub (if not cached)", text)
-        decoder = _load_hub(text, torch_dtype)
-    else:
-        hint = ""
-        if _looks_like_hub_id(text):
-            hint = f" '{text}' looks like a Hugging Face id, but downloading is off."
-        raise MissingModelsError(
-            f"Kandinsky 2.2 decoder not found: {folder} does not exist.{hint} Download the decoder into a "
-            f"folder holding:\n{_expected_layout(folder)}\nfrom {DECODER_URL}"
-        )
-    decoder.to(device=device)
-    log.info(
-        "Kandinsky 2.2 decoder from %s: %s, %s, scheduler %s",
-        decoder.source, decoder.dtype, decoder.device, decoder.scheduler_config.get("_class_name", "DDPMScheduler"),
-    )
-    return decoder
+def _uses_learned_variance(scheduler) -> bool:
+    variance_type = getattr(scheduler.config, "variance_type", None)
+    return variance_type in LEARNED_VARIANCE and type(scheduler).__name__ in _VARIANCE_READERS
 
 
 # -- decoding --------------------------------------------------------------------------------------
@@ -334,6 +180,94 @@ def _seed_list(seeds: Sequence[int] | int, batch: int) -> list[int]:
     return [int(s) % 2**64 for s in seeds]
 
 
+def _check_strength(strength) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not (0 < float(strength) <= 1):
+        raise InputError(f"strength must be a number in (0, 1] (1 = repaint fully, small = stay close); got {strength!r}.")
+    return float(strength)
+
+
+def _init_pixels(init_image, batch: int, width: int, height: int) -> torch.Tensor:
+    """init_image → [B,3,H,W] float32 in [−1,1] at the output size, as VaeImageProcessor.preprocess makes it.
+
+    PIL images are resized with PIL bicubic (reducing_gap=1) exactly as the img2img pipeline does. Tensors
+    ([B,H,W,3] / [H,W,3], 0..1, ComfyUI's IMAGE) of another size are resized with antialiased bicubic
+    (diffusers would use nearest neighbour); at the output size they are used as they are.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(init_image, Image.Image) or (
+        isinstance(init_image, (list, tuple)) and init_image and all(isinstance(i, Image.Image) for i in init_image)
+    ):
+        images = [init_image] if isinstance(init_image, Image.Image) else list(init_image)
+        arrays = []
+        for image in images:
+            image = image.convert("RGB")  # the pipeline would read an RGBA image as 4 latent channels
+            image = image.resize((width, height), resample=Image.BICUBIC, reducing_gap=1)
+            arrays.append(np.array(image).astype(np.float32) / 255.0)
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    elif isinstance(init_image, torch.Tensor):
+        pixels = init_image.detach()
+        if pixels.ndim == 3:
+            pixels = pixels[None]
+        if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.shape[0] < 1:
+            raise InputError(
+                f"init_image must be an RGB image tensor [batch, height, width, 3] (ComfyUI IMAGE); got {list(pixels.shape)}."
+            )
+        if not pixels.is_floating_point():
+            raise InputError(f"init_image must be a float tensor with values 0..1; got {pixels.dtype}.")
+        pixels = pixels.float().cpu()
+        if not torch.isfinite(pixels).all():
+            raise InputError("init_image contains NaN or infinite values.")
+        low, high = pixels.min().item(), pixels.max().item()
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise InputError(f"init_image values must be in 0..1; got {low:.3g}..{high:.3g}.")
+        pixels = pixels.permute(0, 3, 1, 2)
+        if tuple(pixels.shape[-2:]) != (height, width):
+            pixels = torch.nn.functional.interpolate(
+                pixels, size=(height, width), mode="bicubic", align_corners=False, antialias=True
+            ).clamp(0, 1)
+    else:
+        raise InputError(
+            f"init_image must be a PIL image, a list of them, or a tensor [batch, height, width, 3]; got {type(init_image).__name__}."
+        )
+    if pixels.shape[0] not in (1, batch):
+        raise InputError(f"init_image has {pixels.shape[0]} images; give 1 (used for all) or {batch} (one per embedding).")
+    # Keeps the channels-last strides of the permute, as the pipeline's numpy_to_pt does (the MoVQ encoder's
+    # convolutions round differently on the two layouts).
+    return 2.0 * pixels - 1.0
+
+
+def _encode(movq, pixels: torch.Tensor, batch: int, device) -> torch.Tensor:
+    """MoVQ-encode as KandinskyV22Img2ImgPipeline: `movq.encode(image).latents` (unquantized, unscaled)."""
+    dtype = movq.dtype
+    latents = movq.encode(pixels.to(device=device, dtype=dtype)).latents
+    if latents.dtype in _HALF and not torch.isfinite(latents).all():
+        log.warning("The MoVQ encode overflowed in %s; encoding again in fp32.", latents.dtype)
+        with torch.no_grad():
+            movq32 = copy.deepcopy(movq).to(torch.float32)
+            try:
+                latents = movq32.encode(pixels.to(device=device, dtype=torch.float32)).latents.to(dtype)
+            finally:
+                del movq32
+    if latents.shape[0] != batch:
+        latents = latents.expand(batch, -1, -1, -1)
+    # The MoVQ returns channels-last strides; the pipeline's repeat_interleave makes them contiguous, and the
+    # UNet's convolutions round differently on the two layouts.
+    return latents.contiguous()
+
+
+def _step_kwargs(scheduler, generator, eta: float = 0.0) -> dict:
+    """What diffusers' SD pipelines pass (prepare_extra_step_kwargs): generator/eta only where step() takes them."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
 def decode(
     decoder: KandinskyDecoder,
     image_embeds: torch.Tensor,
@@ -346,12 +280,20 @@ def decode(
     seeds: Sequence[int] | int = 0,
     callback: Callable[[int, int], None] | None = None,
     latents: torch.Tensor | None = None,
+    sampler: str | None = "ddpm",
+    init_image=None,
+    strength: float = 1.0,
+    preview: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Image embeddings [B,E] (negatives [1,E] or [B,E]) → images [B,H,W,3], float32 in [0,1], on the CPU.
 
     Image i starts from `torch.Generator().manual_seed(seeds[i])`, so it is the same picture whether it is
-    decoded alone or in a batch. `callback(step_index, total_steps)` runs after every step (step_index
-    counts from 0); an exception it raises (e.g. `Cancelled`) stops the run at once.
+    decoded alone or in a batch. `sampler` is one of SAMPLERS (None: the class the decoder's scheduler
+    config names). `init_image` (PIL image(s) or a [B|1,H,W,3] 0..1 tensor) + `strength` in (0,1] turns on
+    img2img: the image is MoVQ-encoded and noised to the first of the last int(steps·strength) timesteps.
+    `latents` replaces the seeded starting noise. `callback(step_index, total_steps)` runs after every
+    step (an exception it raises, e.g. `Cancelled`, stops the run at once); `preview(step_index, total,
+    latents)` gets the scheduler's x0 prediction when it has one (else the current latents; do not modify).
     """
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -374,6 +316,15 @@ def decode(
         raise InputError(f"steps must be a whole number ≥ 1; got {steps!r}.")
     steps = int(steps)
     seed_list = _seed_list(seeds, batch)
+    if sampler is not None:
+        check_sampler(sampler)
+    strength = _check_strength(strength)
+    img2img_steps = min(int(steps * strength), steps)  # KandinskyV22Img2ImgPipeline.get_timesteps
+    if init_image is not None and img2img_steps < 1:
+        raise InputError(
+            f"strength {strength} × {steps} steps leaves no denoising step (int(steps·strength) = 0); "
+            "raise strength or steps."
+        )
 
     scale = decoder.movq_scale_factor
     out_w, out_h, changed = round_size(width, height, scale**2)
@@ -384,11 +335,13 @@ def decode(
     shape = (batch, decoder.latent_channels, out_h // scale, out_w // scale)
     if latents is not None and tuple(latents.shape) != shape:
         raise InputError(f"latents have shape {list(latents.shape)}; expected {list(shape)} for {out_w}x{out_h}.")
+    pixels = _init_pixels(init_image, batch, out_w, out_h) if init_image is not None else None
 
     unet, movq = decoder.unet, decoder.movq
     device, dtype = decoder.device, decoder.dtype
-    scheduler = decoder.new_scheduler()
-    # CPU generators, one per image: randn_tensor draws image i from generator i (on the CPU, then moves it).
+    scheduler = decoder.new_scheduler(sampler)
+    # CPU generators, one per image: randn_tensor draws image i from generator i (on the CPU, then moves it),
+    # for the starting noise and for every DDPM/ancestral step noise alike.
     generator = [torch.Generator().manual_seed(s) for s in seed_list]
 
     with torch.inference_mode():
@@ -399,18 +352,37 @@ def decode(
 
         scheduler.set_timesteps(steps, device=device)
         timesteps = scheduler.timesteps
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if pixels is None:
+            if latents is None:
+                latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            else:
+                latents = latents.to(device=device, dtype=dtype)
+            latents = latents * scheduler.init_noise_sigma
         else:
-            latents = latents.to(device=device, dtype=dtype)
-        latents = latents * scheduler.init_noise_sigma
+            # KandinskyV22Img2ImgPipeline: encode, keep the last int(steps·strength) timesteps (as SD's img2img
+            # with the scheduler order and begin index, so sigma schedulers work too), noise to the first.
+            init_latents = _encode(movq, pixels, batch, device)
+            t_start = steps - img2img_steps
+            order = getattr(scheduler, "order", 1)
+            timesteps = timesteps[t_start * order:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(t_start * order)
+            if latents is None:
+                noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            else:
+                noise = latents.to(device=device, dtype=dtype)
+            latents = scheduler.add_noise(init_latents.to(dtype), noise, timesteps[:1].repeat(batch))
 
-        learned_variance = hasattr(scheduler.config, "variance_type") and scheduler.config.variance_type in LEARNED_VARIANCE
+        if sampler is None:  # the config's own class: as the pipeline does
+            learned_variance = hasattr(scheduler.config, "variance_type") and scheduler.config.variance_type in LEARNED_VARIANCE
+        else:
+            learned_variance = _uses_learned_variance(scheduler)
+        step_kwargs = _step_kwargs(scheduler, generator)
         added_cond_kwargs = {"image_embeds": embeds}
         total = len(timesteps)
-        # As in the pipeline, there is no scheduler.scale_model_input (identity for DDPM/DDIM/UnCLIP).
         for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if do_cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)  # identity for DDPM/DDIM/DPM-Solver
             noise_pred = unet(
                 sample=model_input, timestep=t, encoder_hidden_states=None,
                 added_cond_kwargs=added_cond_kwargs, return_dict=False,
@@ -423,7 +395,11 @@ def decode(
                 noise_pred = torch.cat([noise_pred, variance_pred_text], dim=1)
             if not learned_variance:
                 noise_pred, _ = noise_pred.split(latents.shape[1], dim=1)
-            latents = scheduler.step(noise_pred, t, latents, generator=generator)[0]
+            output = scheduler.step(noise_pred, t, latents, **step_kwargs)
+            latents = output[0]
+            if preview is not None:
+                x0 = getattr(output, "pred_original_sample", None)
+                preview(i, total, x0 if x0 is not None else latents)
             if callback is not None:
                 callback(i, total)
 
@@ -450,3 +426,23 @@ def _decode_fp32(movq, latents: torch.Tensor) -> torch.Tensor:
             return movq32.decode(latents.float(), force_not_quantize=True).sample
         finally:
             del movq32
+
+
+# -- loading (core/decoder_files.py), re-exported ------------------------------------------------------
+# Resolved on first use (PEP 562) so that either module can be imported first.
+_FILE_API = (
+    "load_decoder", "load_decoder_files", "save_decoder_files", "sniff_decoder_file", "shipped_config",
+    "EXPECTED_FILES", "SUBFOLDERS", "DECODER_PIPELINES", "CONFIG_DIR",
+)
+
+
+def __getattr__(name: str):
+    if name in _FILE_API:
+        from . import decoder_files
+
+        return getattr(decoder_files, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_FILE_API))

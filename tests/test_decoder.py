@@ -105,8 +105,12 @@ def test_scheduler_variants_equal_pipeline(tiny_dir, tmp_path, embeds, changes):
     assert type(pipe.scheduler) is type(scheduler)
     for guidance in (4.0, 1.0):
         expected = _pipeline_images(pipe, *embeds, [1, 2, 3], width=64, height=64, num_inference_steps=3, guidance_scale=guidance)
-        ours = decode(variant, *embeds, width=64, height=64, steps=3, guidance=guidance, seeds=[1, 2, 3])
+        # sampler=None: the class the folder's scheduler config names (the default "ddpm" is DDPMScheduler).
+        ours = decode(variant, *embeds, width=64, height=64, steps=3, guidance=guidance, seeds=[1, 2, 3], sampler=None)
         assert torch.equal(ours, expected), (changes, guidance)
+        if "_class_name" not in changes:  # a DDPM config: the named sampler is the same scheduler
+            named = decode(variant, *embeds, width=64, height=64, steps=3, guidance=guidance, seeds=[1, 2, 3])
+            assert torch.equal(named, expected), (changes, guidance)
 
 
 def test_learned_variance_changes_the_result(tiny_dir, tmp_path, decoder, embeds):
@@ -332,6 +336,15 @@ def test_hub_id_without_download_is_refused():
         load_decoder("kandinsky-community/kandinsky-2-2-decoder")
     assert "downloading is off" in str(info.value)
     assert DECODER_URL in str(info.value)
+
+
+def test_allow_download_is_deprecated_and_ignored(tiny_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="lambda_eclipse"):
+        dec = load_decoder(tiny_dir, allow_download=True)
+    assert dec.embedding_dim == TINY_EMBED
+    assert any("deprecated" in r.getMessage() for r in caplog.records)
+    with pytest.raises(MissingModelsError, match="downloading is off"):
+        load_decoder("kandinsky-community/kandinsky-2-2-decoder", allow_download=True)
 
 
 def test_folder_without_movq(tiny_dir, tmp_path):
