@@ -161,6 +161,11 @@ def interleave_prompt(clip, prompt: str, subjects: Sequence[Subject]) -> Prompt:
         raise InterleaveError("The prompt is empty. Write a prompt that names each subject, e.g. 'a dog wearing a hat'.")
     features = clip.encode_text(prompt)
     full_ids = [clip.tokenizer.sot_token_id] + clip.word_ids(prompt) + [clip.tokenizer.eot_token_id]
+    if len(full_ids) > clip.context_length:
+        kept = clip.tokenizer.decode(full_ids[1:clip.context_length - 1]).strip()
+        log.warning(
+            "the prompt is %d CLIP tokens; CLIP reads only the first %d, so the text after '…%s' is ignored. "
+            "Shorten the prompt to keep it all.", len(full_ids), clip.context_length, kept[-40:])
     words = [s.word for s in subjects]
     plans = plan_positions(prompt, full_ids, words, [clip.word_ids(w) if w else [] for w in words], clip.context_length)
     tokens = substitute(features.tokens, plans, [s.embedding for s in subjects], [s.weight for s in subjects])

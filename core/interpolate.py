@@ -75,3 +75,21 @@ def average_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
     norms = embeddings.norm(dim=-1, keepdim=True)
     direction = (embeddings / norms.clamp_min(1e-12)).mean(0)
     return direction / direction.norm().clamp_min(1e-12) * norms.mean()
+
+
+def tile_images(images: torch.Tensor, columns: int, gap: int = 0, background: float = 1.0) -> torch.Tensor:
+    """[B,H,W,C] pictures → one [1,rows·H,columns·W,C] picture, row by row (empty cells and gaps in `background`)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise InputError(f"Expected a batch of images [B,H,W,C]; got {getattr(images, 'shape', type(images).__name__)}.")
+    if isinstance(columns, bool) or int(columns) < 1:
+        raise InputError(f"columns must be at least 1; got {columns!r}.")
+    if int(gap) < 0:
+        raise InputError(f"gap must be 0 or more pixels; got {gap!r}.")
+    count, height, width, channels = images.shape
+    columns, gap = min(int(columns), count), int(gap)
+    rows = -(-count // columns)
+    canvas = images.new_full((1, rows * height + (rows - 1) * gap, columns * width + (columns - 1) * gap, channels), background)
+    for i in range(count):
+        top, left = (i // columns) * (height + gap), (i % columns) * (width + gap)
+        canvas[0, top:top + height, left:left + width] = images[i]
+    return canvas

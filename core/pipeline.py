@@ -15,6 +15,7 @@ from .errors import InputError
 from .interleave import Prompt, Subject, interleave_prompt
 from .interpolate import bilinear_grid
 from .loading import resolve_dtype
+from .seeds import check_seed, generator, seed_list
 from .prior import LambdaEclipsePrior, load_prior
 
 log = logging.getLogger("lambda_eclipse")
@@ -48,17 +49,13 @@ class Models:
 
 
 def seeds_for(seed: int | Sequence[int], batch: int) -> list[int]:
-    if isinstance(seed, int):
-        return [int(seed) + i for i in range(batch)]
-    seeds = [int(s) for s in seed]
-    if len(seeds) != batch:
-        raise InputError(f"Got {len(seeds)} seeds for a batch of {batch}; give one seed per image or a single start seed.")
-    return seeds
+    """Image i uses seed + i (wrapping at 2^64): the pack's one seed rule (core.seeds)."""
+    return seed_list(seed, batch)
 
 
 def prior_noise(seeds: Sequence[int], dim: int) -> torch.Tensor:
     """[B,dim] N(0,1) noise, one CPU generator per seed: image i is reproducible alone (the official noise is unseeded)."""
-    return torch.cat([torch.randn(1, dim, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
+    return torch.cat([torch.randn(1, dim, generator=generator(s)) for s in seeds])
 
 
 @torch.inference_mode()
@@ -99,7 +96,7 @@ def encode_subjects(
     clip: ClipEncoder, subjects: Sequence[SubjectInput], fit: str = "crop", cache: dict | None = None
 ) -> list[Subject]:
     """Subject photos → embeddings. `cache` lets several calls share the encoding of the same photo and mask."""
-    from PIL import Image
+    from .images import open_image
 
     def key(source):
         return str(source) if isinstance(source, (str, Path)) else id(source)
@@ -108,8 +105,8 @@ def encode_subjects(
     for s in subjects:
         cache_key = (key(s.image), key(s.mask), fit)
         if cache is None or cache_key not in cache:
-            image = Image.open(s.image) if isinstance(s.image, (str, Path)) else s.image
-            mask = Image.open(s.mask) if isinstance(s.mask, (str, Path)) else s.mask
+            image = open_image(s.image) if isinstance(s.image, (str, Path)) else s.image
+            mask = open_image(s.mask, what="subject mask") if isinstance(s.mask, (str, Path)) else s.mask
             embedding = clip.encode_subject(image, mask, fit)
             if cache is not None:
                 cache[cache_key] = embedding
@@ -119,15 +116,32 @@ def encode_subjects(
     return out
 
 
-def load_models(paths: dict[str, Path], device: str = "cpu", dtype="fp32", allow_download: bool = False) -> Models:
-    from .decoder import load_decoder
+def load_models(paths, device: str = "cpu", dtype="fp32", allow_download: bool = False) -> Models:
+    """Load the three models from `resolve_models`' result (or a dict with the same keys).
 
+    Keys: prior; clip_text + clip_vision (or clip: one source with both towers); decoder_unet + decoder_movq
+    (or decoder: a diffusers folder). `allow_download` is kept for old callers and does nothing: use the
+    `download` command (core.download) to fetch missing files.
+    """
+    from .clip import load_clip_towers
+    from .decoder import load_decoder
+    from .decoder_files import load_decoder_files
+
+    paths = dict(getattr(paths, "paths", paths))
     dtype = resolve_dtype(dtype)
+    text = paths.get("clip_text", paths.get("clip"))
+    vision = paths.get("clip_vision", paths.get("clip"))
+    unet = paths.get("decoder_unet", paths.get("decoder"))
+    movq = paths.get("decoder_movq", paths.get("decoder"))
+    if unet is not None and Path(unet).is_dir():
+        decoder = load_decoder(unet, device=device, dtype=dtype)
+    else:
+        decoder = load_decoder_files(unet, movq, device=device, dtype=dtype)
     return Models(
-        clip=load_clip(paths["clip"], device=device, dtype=dtype),
+        clip=load_clip_towers(text=text, vision=vision, device=device, dtype=dtype),
         # The prior is 34M parameters: fp32 costs nothing and keeps the official numbers.
         prior=load_prior(paths["prior"], device=device, dtype=torch.float32),
-        decoder=load_decoder(paths["decoder"], device=device, dtype=dtype, allow_download=allow_download),
+        decoder=decoder,
     )
 
 
@@ -155,6 +169,9 @@ def generate(
     height: int = 512,
     fit: str = "crop",
     callback: Callable[[int, int], None] | None = None,
+    sampler: str = "ddpm",
+    init_image=None,
+    strength: float = 1.0,
 ) -> Result:
     """Subjects + prompt (+ layout) → images. Image i uses seed+i for both the prior noise and the decoder latents."""
     from .decoder import decode
@@ -167,7 +184,7 @@ def generate(
     embeds = sample_prior(models.prior, interleaved, clip.blank_embedding(), control, seeds)
     images = decode(
         models.decoder, embeds.embeds, embeds.negative, width=width, height=height, steps=steps,
-        guidance=guidance, seeds=seeds, callback=callback,
+        guidance=guidance, seeds=seeds, callback=callback, sampler=sampler, init_image=init_image, strength=strength,
     )
     return Result(images, embeds, interleaved, edge_map)
 
@@ -186,6 +203,7 @@ def interpolation_grid(
     height: int = 512,
     fit: str = "crop",
     callback: Callable[[int, int], None] | None = None,
+    sampler: str = "ddpm",
 ) -> Result:
     """The paper's interpolation figure: four subject combinations (TL, TR, BL, BR) → a (S+1)×(S+1) grid.
 
@@ -194,6 +212,7 @@ def interpolation_grid(
     """
     from .decoder import decode
 
+    seed = check_seed(seed)
     if len(corners) != 4:
         raise InputError("An interpolation grid needs exactly four corners: top-left, top-right, bottom-left, bottom-right.")
     clip = models.clip
@@ -208,6 +227,6 @@ def interpolation_grid(
     negative = blank.reshape(1, -1).float().expand(n, -1).to(grid.device)
     images = decode(
         models.decoder, grid, negative, width=width, height=height, steps=steps, guidance=guidance,
-        seeds=[seed] * n, callback=callback,
+        seeds=[seed] * n, callback=callback, sampler=sampler,
     )
     return Result(images, Embeds(grid, negative, [seed] * n), interleaved)

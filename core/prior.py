@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -428,3 +429,58 @@ def save_prior(model: LambdaEclipsePrior, path: str | os.PathLike, single_file: 
     save_file_atomic(tensors, path / "diffusion_pytorch_model.safetensors")
     write_json_atomic(config, path / "config.json")
     return path
+
+
+@dataclass
+class PriorFileInfo:
+    """What a prior file's header says, read without loading its tensors."""
+
+    path: str
+    layers: int
+    width: int
+    embedding_dim: int
+    parameters: int
+
+
+_SNIFF_CACHE: dict[tuple, PriorFileInfo | ModelFileError] = {}
+
+
+def sniff_prior(path: str | os.PathLike) -> PriorFileInfo:
+    """Check from the header only (keys and shapes) that a file or folder is a λ-ECLIPSE prior.
+
+    Raises ModelFileError saying what the file is otherwise. Cached by (path, mtime, size): menus call it often.
+    """
+    weights, _config = resolve_prior_files(path)
+    st = weights.stat()
+    key = (str(weights.resolve()), st.st_mtime_ns, st.st_size)
+    hit = _SNIFF_CACHE.get(key)
+    if hit is None:
+        try:
+            hit = _sniff_prior_uncached(weights)
+        except ModelFileError as exc:
+            hit = exc
+        _SNIFF_CACHE[key] = hit
+    if isinstance(hit, ModelFileError):
+        raise hit
+    return hit
+
+
+def _sniff_prior_uncached(weights: Path) -> PriorFileInfo:
+    if weights.suffix.lower() != ".safetensors":
+        # Pickle-container files cannot be inspected without reading them whole; load_prior checks them.
+        raise ModelFileError(f"{weights.name}: only .safetensors priors can be checked without loading them.")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    except Exception as exc:
+        raise ModelFileError(f"{weights.name} is not a readable .safetensors file ({exc}). Re-download it.") from exc
+    check_is_lambda_prior(shapes, weights.name)
+    try:
+        width, embedding_dim = shapes["proj_in.weight"]
+        layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks."))
+    except (KeyError, ValueError) as exc:
+        raise ModelFileError(f"{weights.name} lacks the prior's proj_in / transformer_blocks tensors ({exc}).") from exc
+    parameters = sum(math.prod(s) for s in shapes.values())
+    return PriorFileInfo(str(weights), layers, int(width), int(embedding_dim), int(parameters))

@@ -57,13 +57,10 @@ DECODER_SCHEDULER_CONFIG = dict(
 )
 
 
-def write_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
-    """An open_clip folder (open_clip_config.json + open_clip_model.safetensors) loadable by `load_clip`."""
+def make_tiny_clip(seed: int = 0):
+    """The tiny open_clip model (random weights; the same for the same seed) behind every tiny CLIP file."""
     import open_clip
-    from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):  # never disturb the caller's global RNG
         torch.manual_seed(seed)
         model = open_clip.CLIP(**TINY_CLIP_CONFIG["model_cfg"])
@@ -71,9 +68,50 @@ def write_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
             for param in model.parameters():
                 if param.ndim >= 2:
                     param.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def write_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
+    """An open_clip folder (open_clip_config.json + open_clip_model.safetensors) loadable by `load_clip`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = make_tiny_clip(seed)
     (folder / "open_clip_config.json").write_text(json.dumps(TINY_CLIP_CONFIG, indent=2))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
     return folder
+
+
+def tiny_clip_tower_tensors(tower: str, seed: int = 0, dtype=torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(transformers-key tensors, metadata with the tower's config) of the tiny CLIP's text or vision tower: the
+    layout of ComfyUI's clip_g / clip_vision_g files, made from the tiny open_clip model by the inverse key map."""
+    from .clip_formats import CONFIG_METADATA_KEY, openclip_to_transformers, transformers_config
+
+    state = make_tiny_clip(seed).state_dict()
+    tensors = {k: v.to(dtype) for k, v in openclip_to_transformers(state, towers=(tower,)).items()}
+    cfg = TINY_CLIP_CONFIG["model_cfg"]
+    heads = cfg["text_cfg"]["heads"] if tower == "text" else cfg["vision_cfg"]["width"] // cfg["vision_cfg"]["head_width"]
+    config = transformers_config(tower, tensors, heads=heads)
+    return tensors, {CONFIG_METADATA_KEY: json.dumps(config, sort_keys=True)}
+
+
+def write_tiny_clip_towers(folder: str | Path, seed: int = 0, dtype=torch.float32,
+                           text_name: str = "tiny_clip_text.safetensors",
+                           vision_name: str | None = "tiny_clip_vision.safetensors") -> dict[str, Path]:
+    """The tiny CLIP as two single files with transformers keys and the config in the metadata, equal to
+    `write_tiny_clip`'s model for the same seed. `folder` may be one folder, or a (text, vision) pair of folders."""
+    from .loading import save_file_atomic
+
+    text_folder, vision_folder = (folder, folder) if not isinstance(folder, (tuple, list)) else folder
+    out = {}
+    for tower, base, name in (("text", text_folder, text_name), ("vision", vision_folder, vision_name)):
+        if not name:
+            continue
+        tensors, metadata = tiny_clip_tower_tensors(tower, seed, dtype)
+        out[tower] = Path(base) / name
+        save_file_atomic(tensors, out[tower], metadata=metadata)
+    return out
 
 
 def make_tiny_prior(seed: int = 0, config: PriorConfig | None = None) -> LambdaEclipsePrior:
@@ -128,14 +166,50 @@ def write_tiny_decoder(folder: str | Path, seed: int = 0) -> Path:
 
 
 def write_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
-    """All three in a ComfyUI-like models/ tree, at the default names the README documents."""
-    from .paths import DEFAULT_LAYOUT
+    """Every model in a ComfyUI-like models/ tree, in both layouts.
+
+    The five single files at the manifest's names (what the bundled workflows and `--models` look for first:
+    keys prior_file, clip_text, clip_vision, decoder_unet, decoder_movq), and the first release's folders
+    (keys prior, clip, decoder). Both hold the same weights.
+    """
+    from .paths import LEGACY_LAYOUT
 
     root = Path(root)
     paths = {
-        "prior": write_tiny_prior(root / DEFAULT_LAYOUT["prior"], seed),
-        "clip": write_tiny_clip(root / DEFAULT_LAYOUT["clip"], seed),
-        "decoder": write_tiny_decoder(root / DEFAULT_LAYOUT["decoder"], seed),
+        "prior": write_tiny_prior(root / LEGACY_LAYOUT["prior"], seed),
+        "clip": write_tiny_clip(root / LEGACY_LAYOUT["clip"], seed),
+        **_tiny_clip_tower_files(root, seed),
+        "decoder": write_tiny_decoder(root / LEGACY_LAYOUT["decoder"], seed),
+        **write_tiny_single_files(root, seed, clip=False),
     }
     write_json_atomic({"note": "tiny random-weight models: their pictures are noise"}, root / "TINY_MODELS.json")
     return paths
+
+
+def write_tiny_single_files(root: str | Path, seed: int = 0, clip: bool = True) -> dict[str, Path]:
+    """The single files at the manifest's names, each with its config in the safetensors metadata."""
+    from .decoder import KandinskyDecoder
+    from .decoder_files import save_decoder_files
+    from .paths import manifest
+
+    root = Path(root)
+    entries = manifest()
+    out = {"prior_file": write_tiny_prior(root / entries["prior"].folder / entries["prior"].name, seed, single_file=True)}
+    if clip:
+        out.update(_tiny_clip_tower_files(root, seed))
+    unet, movq, scheduler = make_tiny_decoder_components(seed)
+    decoder = KandinskyDecoder(unet, movq, dict(scheduler.config), "tiny")
+    out["decoder_unet"], out["decoder_movq"] = save_decoder_files(
+        decoder, root / entries["decoder_unet"].folder / entries["decoder_unet"].name,
+        root / entries["decoder_movq"].folder / entries["decoder_movq"].name)
+    return out
+
+
+def _tiny_clip_tower_files(root: Path, seed: int) -> dict[str, Path]:
+    """The tiny towers ("clip_text", "clip_vision") at the manifest's names (models/text_encoders, models/clip_vision)."""
+    from .paths import manifest
+
+    entries = manifest()
+    text, vision = entries["clip_text"], entries["clip_vision"]
+    files = write_tiny_clip_towers((root / text.folder, root / vision.folder), seed, text_name=text.name, vision_name=vision.name)
+    return {"clip_text": files["text"], "clip_vision": files["vision"]}

@@ -20,6 +20,9 @@ log = logging.getLogger("lambda_eclipse")
 
 MODEL_FOLDER = "lambda_eclipse"
 WEIGHT_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
+SNIFFABLE_EXTENSIONS = {".safetensors", ".sft"}
+# ComfyUI maps these legacy folders onto the new names; the fallback outside ComfyUI does the same.
+FOLDER_ALIASES = {"text_encoders": ("text_encoders", "clip"), "diffusion_models": ("diffusion_models", "unet")}
 
 _fallback_models_dir: Path | None = None
 _fallback_input_dir: Path | None = None
@@ -120,9 +123,7 @@ def folder_bases(key: str) -> list[Path]:
     else:
         root = models_dir()
         if root is not None:
-            bases = [str(root / key)]
-            if key == "text_encoders":  # ComfyUI maps the legacy models/clip here too
-                bases.append(str(root / "clip"))
+            bases = [str(root / alias) for alias in FOLDER_ALIASES.get(key, (key,))]
     out, seen = [], set()
     for base in bases:
         path = Path(base)
@@ -143,27 +144,27 @@ def _rel(path: Path, base: Path) -> str:
     return path.relative_to(base).as_posix()
 
 
-def list_models(keys: Iterable[str], is_model_folder: Callable[[Path], bool], files: bool,
-                skip_folder: Callable[[Path], bool] | None = None) -> list[str]:
-    """Names (relative to a base folder) of model folders and, if `files`, loose weight files under `keys`.
+def list_model_files(keys: Iterable[str], accept: Callable[[Path], bool], folders: bool,
+                     model_folder: Callable[[Path], bool] | None = None) -> list[str]:
+    """Names (relative to their base folder) of the files, and if `folders` the model folders, that `accept` takes.
 
-    A folder recognised as a model is listed by its name and not descended into, nor is any folder
-    `skip_folder` recognises (another kind of model), so their inner files never clutter the list.
+    A folder that is a model of any kind (`model_folder`) is never descended into, so its inner files never
+    clutter a menu; it is listed itself only when `folders` and `accept` say so. Only .safetensors/.sft files
+    are offered: their headers say what they are without running pickle code.
     """
     names: list[str] = []
     for key in keys:
         for base in folder_bases(key):
             for root, dirs, filenames in _walk(base):
-                if root != base and is_model_folder(root):
-                    names.append(_rel(root, base))
-                    dirs[:] = []
-                    continue
-                if root != base and skip_folder is not None and skip_folder(root):
+                if root != base and model_folder is not None and model_folder(root):
+                    if folders and accept(root):
+                        names.append(_rel(root, base))
                     dirs[:] = []
                     continue
                 dirs[:] = [d for d in dirs if not d.startswith(".")]
-                if files:
-                    names.extend(_rel(root / f, base) for f in filenames if Path(f).suffix.lower() in WEIGHT_EXTENSIONS)
+                for f in filenames:
+                    if Path(f).suffix.lower() in SNIFFABLE_EXTENSIONS and accept(root / f):
+                        names.append(_rel(root / f, base))
     return sorted(dict.fromkeys(names), key=str.lower)
 
 
@@ -318,6 +319,34 @@ class _NullBar:
 def progress_bar(total: int):
     utils = _import("comfy.utils") if in_comfyui() else None
     return utils.ProgressBar(total) if utils is not None else _NullBar(total)
+
+
+def previews_enabled() -> bool:
+    """The user's preview setting (--preview-method; 'none' turns previews off). Off outside ComfyUI."""
+    if not in_comfyui():
+        return False
+    cli = _import("comfy.cli_args")
+    method = getattr(getattr(cli, "args", None), "preview_method", None)
+    return str(getattr(method, "value", method)).lower() not in ("none", "nopreviews")
+
+
+def preview_callback(bar, make_image: Callable[[object], object], min_interval: float = 1.0):
+    """A core-style preview(step, total, latents): at most one picture per `min_interval` seconds (and never one
+    that took longer to make than a fifth of the time since the last), shown on ComfyUI's node like KSampler's."""
+    import time
+
+    state = {"last": 0.0, "cost": 0.0}
+
+    def preview(step: int, total: int, latents):
+        now = time.perf_counter()
+        if now - state["last"] < max(min_interval, 5 * state["cost"]) and step + 1 < total:
+            return
+        image = make_image(latents)
+        state["cost"], state["last"] = time.perf_counter() - now, time.perf_counter()
+        if image is not None:
+            bar.update_absolute(step + 1, total, ("JPEG", image, 512))
+
+    return preview
 
 
 def step_callback(total: int) -> Callable[[int, int], None]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from ..core.errors import InputError
-from ..core.interpolate import bilinear_grid, blend
+import math
+
+from ..core.interpolate import bilinear_grid, blend, tile_images
 from ..core.pipeline import Embeds
 
 MODES = ["lerp", "slerp"]
@@ -75,7 +77,33 @@ class LambdaEclipseEmbeddingGrid:
         return (Embeds(embeds, negative, list(top_left.seeds) * embeds.shape[0]),)
 
 
+class LambdaEclipseImageGrid:
+    DESCRIPTION = (
+        "Lays a batch of pictures out as one picture, row by row: the interpolation grid as the paper shows it. "
+        "columns 0 makes a square grid (3 columns for 9 pictures, 5 for 25)."
+    )
+    CATEGORY = "λ-ECLIPSE/interpolate"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("One picture holding the whole batch.",)
+    FUNCTION = "tile"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "images": ("IMAGE", {"tooltip": "The pictures, e.g. Kandinsky Decode's output for an Embedding Grid."}),
+            "columns": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "Pictures per row; 0 = a square grid (ceil of the square root of the count)."}),
+            "gap": ("INT", {"default": 8, "min": 0, "max": 256, "tooltip": "White space between pictures, in pixels."}),
+        }}
+
+    def tile(self, images, columns=0, gap=8):
+        count = images.shape[0]
+        columns = int(columns) or math.ceil(math.sqrt(count))
+        return (tile_images(images, columns, gap),)
+
+
 NODES = {
+    "LambdaEclipseImageGrid": (LambdaEclipseImageGrid, "λ-ECLIPSE Image Grid"),
     "LambdaEclipseEmbeddingLerp": (LambdaEclipseEmbeddingLerp, "λ-ECLIPSE Embedding Lerp"),
     "LambdaEclipseEmbeddingGrid": (LambdaEclipseEmbeddingGrid, "λ-ECLIPSE Embedding Grid"),
 }

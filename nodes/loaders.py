@@ -1,17 +1,26 @@
-"""Loader nodes for the three models: λ-ECLIPSE prior, OpenCLIP bigG, Kandinsky 2.2 decoder.
+"""Loader nodes for the three models: λ-ECLIPSE prior, OpenCLIP bigG (two towers), Kandinsky 2.2 decoder.
 
-Loaded models are cached at module level by (path, mtime, size, dtype), so a second run or a second
-loader node does not read the file again, and a replaced file is reloaded.
+Every weight file is the value of its own menu (combo), listing files in ComfyUI's standard folders, so the
+frontend's missing-models check can name each absent file with its folder and download link. The menus list
+only files the loader can load (read from their headers). An absent file stops the run before any node runs,
+with the loader's own message (file, folder, link), not only ComfyUI's "Value not in list".
+
+Loaded models are shared through a weak cache: while ComfyUI keeps a loader's output, a second loader with the
+same file gets the same model; once ComfyUI drops it (its cache, "free memory"), nothing of ours keeps it alive.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
-from ..core.paths import SPECS
+from ..core.errors import LambdaEclipseError, ModelFileError
+from ..core.paths import (
+    clip_towers, decoder_part, is_decoder_folder, is_openclip_folder, is_prior_file, is_prior_folder, manifest,
+)
 from . import comfy
 
 log = logging.getLogger("lambda_eclipse")
@@ -19,11 +28,18 @@ log = logging.getLogger("lambda_eclipse")
 CATEGORY = "λ-ECLIPSE/loaders"
 DTYPES = ["auto", "fp32", "fp16", "bf16"]
 PRIOR_FOLDERS = ("lambda_eclipse",)
-CLIP_FOLDERS = ("lambda_eclipse", "text_encoders", "clip")
-DECODER_FOLDERS = ("diffusers", "lambda_eclipse")
+CLIP_TEXT_FOLDERS = ("text_encoders", "lambda_eclipse", "checkpoints")
+CLIP_VISION_FOLDERS = ("clip_vision", "lambda_eclipse")
+UNET_FOLDERS = ("diffusion_models", "diffusers", "lambda_eclipse")
+MOVQ_FOLDERS = ("vae", "lambda_eclipse")
+# Kept for callers of the first release.
+CLIP_FOLDERS = CLIP_TEXT_FOLDERS
+DECODER_FOLDERS = UNET_FOLDERS
+SAME_AS_CLIP = "(from clip_name)"
+SAME_AS_DECODER = "(from decoder_name)"
 
 
-@dataclass
+@dataclass(eq=False)
 class Loaded:
     """What travels on a LAMBDA_ECLIPSE_PRIOR / _CLIP / _DECODER link: the core model and its ComfyUI patcher."""
 
@@ -38,28 +54,12 @@ class Loaded:
         return self.model
 
 
-_CACHE: dict[tuple, Loaded] = {}
+# Weak: an entry lives only as long as someone (ComfyUI's output cache, a running graph) holds the model.
+_LIVE: "weakref.WeakValueDictionary[tuple, Loaded]" = weakref.WeakValueDictionary()
 
 
 def clear_cache():
-    _CACHE.clear()
-
-
-def is_prior_folder(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "diffusion_pytorch_model.safetensors").is_file() \
-        and not (folder / "model_index.json").exists()
-
-
-def is_clip_folder(folder: Path) -> bool:
-    return (folder / "open_clip_config.json").is_file()
-
-
-def is_decoder_folder(folder: Path) -> bool:
-    return (folder / "model_index.json").is_file()
-
-
-def _other_model(*checks):
-    return lambda folder: any(check(folder) for check in checks)
+    _LIVE.clear()
 
 
 def _dtype(kind: str, choice: str):
@@ -70,25 +70,108 @@ def _dtype(kind: str, choice: str):
     return comfy.auto_dtype(kind) if choice == "auto" else resolve_dtype(choice)
 
 
-def _cached(kind: str, path: Path, dtype, name: str, load) -> Loaded:
-    key = (kind,) + comfy.model_signature(path) + (str(dtype),)
-    hit = _CACHE.get(key)
+def _shared(kind: str, paths: Iterable[Path], dtype, name: str, load: Callable[[], tuple]) -> Loaded:
+    key = (kind,) + tuple(comfy.model_signature(p) for p in paths) + (str(dtype),)
+    hit = _LIVE.get(key)
     if hit is not None:
         return hit
-    for old in [k for k in _CACHE if k[:2] == key[:2]]:  # same file, changed or other dtype: drop the old copy
-        del _CACHE[old]
     model, patcher = load()
     loaded = Loaded(kind, model, patcher, name)
-    _CACHE[key] = loaded
+    _LIVE[key] = loaded
     return loaded
 
 
-def _changed(folders, name) -> str:
-    """IS_CHANGED: ComfyUI reruns the loader (and so reloads) when the file behind the name changes."""
+# -- what each menu lists --------------------------------------------------------------------------------
+
+def _accept_prior(path: Path) -> bool:
+    return is_prior_folder(path) if path.is_dir() else is_prior_file(path)
+
+
+def _accept_text(path: Path) -> bool:
+    return is_openclip_folder(path) if path.is_dir() else "text" in clip_towers(path)
+
+
+def _accept_vision(path: Path) -> bool:
+    return "vision" in clip_towers(path) if path.is_file() else False
+
+
+def _accept_unet(path: Path) -> bool:
+    return is_decoder_folder(path) if path.is_dir() else decoder_part(path) == "unet"
+
+
+def _accept_movq(path: Path) -> bool:
+    return decoder_part(path) == "movq" if path.is_file() else False
+
+
+def _is_model_folder(path: Path) -> bool:
+    return is_prior_folder(path) or is_openclip_folder(path) or is_decoder_folder(path)
+
+
+def _names(keys, accept, folders: bool) -> list[str]:
+    return comfy.list_model_files(keys, accept, folders=folders, model_folder=_is_model_folder)
+
+
+# -- messages --------------------------------------------------------------------------------------------
+
+def _entry_for(name: str, default_key: str):
+    entries = manifest()
+    return next((e for e in entries.values() if e.name == name), entries[default_key])
+
+
+def _missing_message(what: str, name: str, keys: tuple, default_key: str) -> str:
+    entry = _entry_for(name, default_key)
+    where = " or ".join(f"models/{k}" for k in keys)
+    if not any(comfy.folder_bases(k) for k in keys):
+        where += " (none of these folders exists yet)"
+    if entry.name == name:
+        fix = f"download {entry.url} ({entry.size_text()}) and save it as models/{entry.folder}/{entry.name}"
+    else:
+        fix = (f"put it into models/{keys[0]}/ (the default is {entry.name} from {entry.url}, "
+               f"{entry.size_text()}, saved in models/{entry.folder}/)")
+    return f"{what} '{name}' is not in {where}: {fix}."
+
+
+DOWNLOAD_HINT = ("Or fetch every missing file at once: python -m lambda_eclipse download --models <ComfyUI>/models. "
+                 "Then press R (refresh) and pick the files in the loader.")
+
+
+def _resolve(keys, name, what, default_key) -> Path:
     try:
-        return repr(comfy.model_signature(comfy.resolve_model(folders, name, "model", "")))
-    except Exception:  # a missing file: let the loader itself raise its message
-        return ""
+        return comfy.resolve_model(keys, name, what, manifest()[default_key].url)
+    except ModelFileError as exc:
+        if "was not found" in str(exc):
+            raise type(exc)(_missing_message(what, name, keys, default_key) + " " + DOWNLOAD_HINT) from None
+        raise
+
+
+def _validate(*checks: tuple) -> bool | str:
+    """VALIDATE_INPUTS: True, or every problem in one message (ComfyUI then stops before running anything;
+    it shows the message once per model input, so it names all the files at once)."""
+    problems = []
+    for keys, name, what, default_key, accept in checks:
+        try:
+            path = _resolve(keys, name, what, default_key)
+        except LambdaEclipseError as exc:
+            problems.append(str(exc).replace(" " + DOWNLOAD_HINT, ""))
+            continue
+        if accept is not None and not accept(path):
+            problems.append(f"{what} '{name}' is not a file this loader can use. Pick another file in the menu.")
+    if not problems:
+        return True
+    if any(" is not in models/" in p for p in problems):
+        problems.append(DOWNLOAD_HINT)
+    return " ".join(problems)
+
+
+def _changed(*pairs) -> str:
+    """IS_CHANGED: ComfyUI reruns the loader (and so reloads) when a file behind a name changes."""
+    signatures = []
+    for keys, name in pairs:
+        try:
+            signatures.append(comfy.model_signature(comfy.resolve_model(keys, name, "model", "")))
+        except Exception:  # a missing file: VALIDATE_INPUTS / the loader say so
+            signatures.append(None)
+    return repr(signatures)
 
 
 def _dtype_input(what: str):
@@ -96,10 +179,17 @@ def _dtype_input(what: str):
                      "(fp32 for the small prior; fp16/bf16 on GPUs that support them)."})
 
 
+def _file_hint(key: str) -> str:
+    entry = manifest()[key]
+    return f"Default: models/{entry.folder}/{entry.name} ({entry.size_text()}) from {entry.url}"
+
+
+# -- nodes -----------------------------------------------------------------------------------------------
+
 class LambdaEclipseLoadPrior:
     DESCRIPTION = (
-        "Loads the λ-ECLIPSE prior (34M parameters) from models/lambda_eclipse: a diffusers-style folder "
-        "(config.json + diffusion_pytorch_model.safetensors, listed by folder name) or a single .safetensors file."
+        "Loads the λ-ECLIPSE prior (34M parameters) from models/lambda_eclipse: one .safetensors file (its "
+        "architecture is read from the tensors) or a diffusers-style folder (config.json + diffusion_pytorch_model.safetensors)."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LAMBDA_ECLIPSE_PRIOR",)
@@ -109,37 +199,39 @@ class LambdaEclipseLoadPrior:
 
     @classmethod
     def INPUT_TYPES(cls):
-        names = comfy.list_models(PRIOR_FOLDERS, is_prior_folder, files=True,
-                                  skip_folder=_other_model(is_clip_folder, is_decoder_folder))
         return {"required": {
-            "prior_name": (names, {"tooltip": "The prior in models/lambda_eclipse. Default download: "
-                                   f"{SPECS['prior'].url} into models/lambda_eclipse/Lambda-ECLIPSE-Prior-v1.0/."}),
+            "prior_name": (_names(PRIOR_FOLDERS, _accept_prior, folders=True),
+                           {"tooltip": "The prior in models/lambda_eclipse. " + _file_hint("prior")}),
             "dtype": _dtype_input("prior"),
         }}
 
     @classmethod
+    def VALIDATE_INPUTS(cls, prior_name):
+        return _validate((PRIOR_FOLDERS, prior_name, "λ-ECLIPSE prior", "prior", _accept_prior))
+
+    @classmethod
     def IS_CHANGED(cls, prior_name, dtype="auto"):
-        return _changed(PRIOR_FOLDERS, prior_name)
+        return _changed((PRIOR_FOLDERS, prior_name))
 
     def load(self, prior_name, dtype="auto"):
         from ..core.prior import load_prior
 
-        path = comfy.resolve_model(PRIOR_FOLDERS, prior_name, "λ-ECLIPSE prior", SPECS["prior"].url)
+        path = _resolve(PRIOR_FOLDERS, prior_name, "λ-ECLIPSE prior", "prior")
         torch_dtype = _dtype("prior", dtype)
 
         def load():
             model = load_prior(path, device=comfy.offload_device(), dtype=torch_dtype)
             return model, comfy.make_patcher("prior", prior=model)
 
-        return (_cached("prior", path, torch_dtype, prior_name, load),)
+        return (_shared("prior", [path], torch_dtype, prior_name, load),)
 
 
 class LambdaEclipseLoadCLIP:
     DESCRIPTION = (
-        "Loads OpenCLIP ViT-bigG/14 (laion2b_s39b_b160k) with both towers: text for the prompt, vision for "
-        "subjects, edge maps and the blank embedding. Lists open_clip folders (with open_clip_config.json) and "
-        "checkpoint files in models/lambda_eclipse, models/text_encoders and models/clip. ComfyUI's "
-        "clip_vision_g / SDXL text encoders are not this model."
+        "Loads OpenCLIP ViT-bigG/14 (laion2b_s39b_b160k): the text tower for the prompt and the vision tower for "
+        "subjects, edge maps and the blank embedding. SDXL users already have both: SDXL's second text encoder "
+        "(clip_g, or the SDXL checkpoint itself) is the text tower, ComfyUI's clip_vision_g.safetensors the vision "
+        "tower. An OpenCLIP folder (open_clip_config.json + weights) holds both."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LAMBDA_ECLIPSE_CLIP",)
@@ -149,36 +241,83 @@ class LambdaEclipseLoadCLIP:
 
     @classmethod
     def INPUT_TYPES(cls):
-        names = comfy.list_models(CLIP_FOLDERS, is_clip_folder, files=True,
-                                  skip_folder=_other_model(is_prior_folder, is_decoder_folder))
         return {"required": {
-            "clip_name": (names, {"tooltip": "The OpenCLIP bigG folder or checkpoint. Default download: "
-                                  f"{SPECS['clip'].url} (open_clip_config.json + open_clip_model.safetensors) into "
-                                  "models/lambda_eclipse/CLIP-ViT-bigG-14-laion2B-39B-b160k/."}),
+            "clip_name": (_names(CLIP_TEXT_FOLDERS, _accept_text, folders=True), {"tooltip": (
+                "The bigG text tower: a file in models/text_encoders (or clip), an SDXL checkpoint in models/checkpoints "
+                "(only its text-encoder tensors are read), or an OpenCLIP folder holding both towers. Only files that "
+                "are a bigG text tower are listed. " + _file_hint("clip_text"))}),
             "dtype": _dtype_input("CLIP"),
+        }, "optional": {
+            "vision_name": ([SAME_AS_CLIP] + _names(CLIP_VISION_FOLDERS, _accept_vision, folders=False), {
+                "default": SAME_AS_CLIP, "tooltip": (
+                    "The bigG vision tower in models/clip_vision (ComfyUI's clip_vision_g.safetensors). "
+                    f"'{SAME_AS_CLIP}' uses the vision tower of clip_name (an OpenCLIP folder has both). "
+                    + _file_hint("clip_vision"))}),
         }}
 
     @classmethod
-    def IS_CHANGED(cls, clip_name, dtype="auto"):
-        return _changed(CLIP_FOLDERS, clip_name)
+    def VALIDATE_INPUTS(cls, clip_name, vision_name=SAME_AS_CLIP):
+        checks = [(CLIP_TEXT_FOLDERS, clip_name, "bigG text tower", "clip_text", _accept_text)]
+        if vision_name != SAME_AS_CLIP:
+            checks.append((CLIP_VISION_FOLDERS, vision_name, "bigG vision tower", "clip_vision", _accept_vision))
+        ok = _validate(*checks)
+        if ok is not True or vision_name != SAME_AS_CLIP:
+            return ok
+        try:
+            if _text_only(_resolve(CLIP_TEXT_FOLDERS, clip_name, "bigG text tower", "clip_text")):
+                return _no_vision_message(clip_name)
+        except LambdaEclipseError as exc:
+            return str(exc)
+        return True
 
-    def load(self, clip_name, dtype="auto"):
-        from ..core.clip import load_clip
+    @classmethod
+    def IS_CHANGED(cls, clip_name, dtype="auto", vision_name=SAME_AS_CLIP):
+        pairs = [(CLIP_TEXT_FOLDERS, clip_name)]
+        if vision_name != SAME_AS_CLIP:
+            pairs.append((CLIP_VISION_FOLDERS, vision_name))
+        return _changed(*pairs)
 
-        path = comfy.resolve_model(CLIP_FOLDERS, clip_name, "OpenCLIP ViT-bigG/14", SPECS["clip"].url)
+    def load(self, clip_name, dtype="auto", vision_name=SAME_AS_CLIP):
+        from ..core.clip import load_clip_towers
+
+        text = _resolve(CLIP_TEXT_FOLDERS, clip_name, "bigG text tower", "clip_text")
+        if vision_name == SAME_AS_CLIP:
+            if _text_only(text):
+                raise ModelFileError(_no_vision_message(clip_name))
+            vision = text
+        else:
+            vision = _resolve(CLIP_VISION_FOLDERS, vision_name, "bigG vision tower", "clip_vision")
         torch_dtype = _dtype("clip", dtype)
 
         def load():
-            encoder = load_clip(path, device=comfy.offload_device("text"), dtype=torch_dtype)
+            encoder = load_clip_towers(text=text, vision=vision, device=comfy.offload_device("text"), dtype=torch_dtype)
             return encoder, comfy.make_patcher("clip", clip=encoder.model)
 
-        return (_cached("clip", path, torch_dtype, clip_name, load),)
+        name = clip_name if vision == text else f"{clip_name} + {vision_name}"
+        return (_shared("clip", dict.fromkeys([text, vision]), torch_dtype, name, load),)
+
+
+def _text_only(path: Path) -> bool:
+    """True when a file holds the bigG text tower but no vision tower; a file that is no bigG tower raises why."""
+    if path.is_dir():
+        return False
+    from ..core.clip_formats import sniff_clip
+
+    towers = sniff_clip(path).towers
+    return "vision" not in towers
+
+
+def _no_vision_message(clip_name: str) -> str:
+    entry = manifest()["clip_vision"]
+    return (f"'{clip_name}' holds only the bigG text tower. Pick the vision tower in vision_name: "
+            f"models/{entry.folder}/{entry.name} ({entry.size_text()}, {entry.url}).")
 
 
 class LambdaEclipseLoadDecoder:
     DESCRIPTION = (
-        "Loads the Kandinsky 2.2 decoder (UNet + MoVQ + scheduler) from a diffusers folder (with model_index.json) "
-        "in models/diffusers or models/lambda_eclipse."
+        "Loads the Kandinsky 2.2 decoder: the UNet as one file in models/diffusion_models (or unet) and the MoVQ as "
+        "one file in models/vae (their configs ship with the pack; a config in the file's metadata wins), or a "
+        "diffusers folder (model_index.json, unet/, movq/, scheduler/) in models/diffusers."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LAMBDA_ECLIPSE_DECODER",)
@@ -188,29 +327,67 @@ class LambdaEclipseLoadDecoder:
 
     @classmethod
     def INPUT_TYPES(cls):
-        names = comfy.list_models(DECODER_FOLDERS, is_decoder_folder, files=False,
-                                  skip_folder=_other_model(is_prior_folder, is_clip_folder))
         return {"required": {
-            "decoder_name": (names, {"tooltip": "The decoder folder. Default download: "
-                                     f"{SPECS['decoder'].url} into models/diffusers/kandinsky-2-2-decoder/."}),
+            "decoder_name": (_names(UNET_FOLDERS, _accept_unet, folders=True), {"tooltip": (
+                "The Kandinsky 2.2 decoder UNet file (models/diffusion_models or unet), or a whole diffusers decoder "
+                "folder (models/diffusers). " + _file_hint("decoder_unet"))}),
             "dtype": _dtype_input("decoder"),
+        }, "optional": {
+            "movq_name": ([SAME_AS_DECODER] + _names(MOVQ_FOLDERS, _accept_movq, folders=False), {
+                "default": SAME_AS_DECODER, "tooltip": (
+                    f"The MoVQ image decoder file in models/vae. '{SAME_AS_DECODER}' uses the movq/ of a diffusers "
+                    "folder picked in decoder_name. " + _file_hint("decoder_movq"))}),
         }}
 
     @classmethod
-    def IS_CHANGED(cls, decoder_name, dtype="auto"):
-        return _changed(DECODER_FOLDERS, decoder_name)
+    def VALIDATE_INPUTS(cls, decoder_name, movq_name=SAME_AS_DECODER):
+        checks = [(UNET_FOLDERS, decoder_name, "Kandinsky 2.2 decoder UNet", "decoder_unet", _accept_unet)]
+        if movq_name != SAME_AS_DECODER:
+            checks.append((MOVQ_FOLDERS, movq_name, "Kandinsky 2.2 MoVQ", "decoder_movq", _accept_movq))
+        ok = _validate(*checks)
+        if ok is not True or movq_name != SAME_AS_DECODER:
+            return ok
+        if not _resolve(UNET_FOLDERS, decoder_name, "Kandinsky 2.2 decoder UNet", "decoder_unet").is_dir():
+            return _no_movq_message(decoder_name)
+        return True
 
-    def load(self, decoder_name, dtype="auto"):
+    @classmethod
+    def IS_CHANGED(cls, decoder_name, dtype="auto", movq_name=SAME_AS_DECODER):
+        pairs = [(UNET_FOLDERS, decoder_name)]
+        if movq_name != SAME_AS_DECODER:
+            pairs.append((MOVQ_FOLDERS, movq_name))
+        return _changed(*pairs)
+
+    def load(self, decoder_name, dtype="auto", movq_name=SAME_AS_DECODER):
         from ..core.decoder import load_decoder
+        from ..core.decoder_files import load_decoder_files
 
-        path = comfy.resolve_model(DECODER_FOLDERS, decoder_name, "Kandinsky 2.2 decoder", SPECS["decoder"].url)
+        unet = _resolve(UNET_FOLDERS, decoder_name, "Kandinsky 2.2 decoder UNet", "decoder_unet")
         torch_dtype = _dtype("decoder", dtype)
+        if movq_name == SAME_AS_DECODER:
+            if not unet.is_dir():
+                raise ModelFileError(_no_movq_message(decoder_name))
+            paths = [unet]
 
-        def load():
-            decoder = load_decoder(path, device=comfy.offload_device(), dtype=torch_dtype)
-            return decoder, comfy.make_patcher("decoder", unet=decoder.unet, movq=decoder.movq)
+            def load():
+                decoder = load_decoder(unet, device=comfy.offload_device(), dtype=torch_dtype)
+                return decoder, comfy.make_patcher("decoder", unet=decoder.unet, movq=decoder.movq)
+        else:
+            movq = _resolve(MOVQ_FOLDERS, movq_name, "Kandinsky 2.2 MoVQ", "decoder_movq")
+            paths = [unet, movq]
 
-        return (_cached("decoder", path, torch_dtype, decoder_name, load),)
+            def load():
+                decoder = load_decoder_files(unet, movq, device=comfy.offload_device(), dtype=torch_dtype)
+                return decoder, comfy.make_patcher("decoder", unet=decoder.unet, movq=decoder.movq)
+
+        name = decoder_name if len(paths) == 1 else f"{decoder_name} + {movq_name}"
+        return (_shared("decoder", paths, torch_dtype, name, load),)
+
+
+def _no_movq_message(decoder_name: str) -> str:
+    entry = manifest()["decoder_movq"]
+    return (f"'{decoder_name}' is a single UNet file: pick the MoVQ in movq_name: models/{entry.folder}/{entry.name} "
+            f"({entry.size_text()}, {entry.url}).")
 
 
 NODES = {

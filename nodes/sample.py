@@ -4,15 +4,8 @@ from __future__ import annotations
 
 from ..core.errors import InputError
 from ..core.pipeline import Embeds, sample_prior
+from ..core.seeds import SEED_MAX, seed_list  # noqa: F401  (seed_list is used by nodes/decode.py too)
 from . import comfy
-
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
-
-
-def seed_list(seed: int, batch: int) -> list[int]:
-    """Image i uses seed + i (wrapping at 2^64), so any image of a batch can be made again alone."""
-    return [(int(seed) + i) % (SEED_MAX + 1) for i in range(batch)]
-
 
 def seed_input(what: str):
     return ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,

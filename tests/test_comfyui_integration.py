@@ -54,7 +54,7 @@ class Server:
         python = os.environ.get("COMFYUI_PYTHON", sys.executable)
         self.proc = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", str(base),
-             "--disable-auto-launch"],
+             "--disable-auto-launch", "--database-url", "sqlite:///:memory:"],  # never the user's database
             cwd=COMFYUI, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
         )
 
@@ -109,6 +109,7 @@ def server(tmp_path_factory):
     srv = Server(base)
     try:
         srv.wait_ready()
+        srv.rss_ready = _rss_mb(srv.proc.pid)
         yield srv
     finally:
         srv.stop()
@@ -123,12 +124,20 @@ def fast(prompt: dict) -> dict:
     return prompt
 
 
+def _menu(server, node_type, name):
+    spec = _request(f"{server.url}/object_info/{node_type}")[node_type]["input"]
+    return (spec["required"].get(name) or spec["optional"][name])[0]
+
+
 def test_pack_loaded_and_lists_models(server):
-    info = _request(server.url + "/object_info/LambdaEclipseLoadPrior")
-    names = info["LambdaEclipseLoadPrior"]["input"]["required"]["prior_name"][0]
-    assert "Lambda-ECLIPSE-Prior-v1.0" in names
-    decoders = _request(server.url + "/object_info/LambdaEclipseLoadDecoder")
-    assert "kandinsky-2-2-decoder" in decoders["LambdaEclipseLoadDecoder"]["input"]["required"]["decoder_name"][0]
+    from lambda_eclipse.core.paths import manifest
+
+    files = manifest()
+    assert {files["prior"].name, "Lambda-ECLIPSE-Prior-v1.0"} <= set(_menu(server, "LambdaEclipseLoadPrior", "prior_name"))
+    assert files["clip_text"].name in _menu(server, "LambdaEclipseLoadCLIP", "clip_name")
+    assert files["clip_vision"].name in _menu(server, "LambdaEclipseLoadCLIP", "vision_name")
+    assert {files["decoder_unet"].name, "kandinsky-2-2-decoder"} <= set(_menu(server, "LambdaEclipseLoadDecoder", "decoder_name"))
+    assert files["decoder_movq"].name in _menu(server, "LambdaEclipseLoadDecoder", "movq_name")
     log = server.tail(1_000_000)
     assert not [line for line in log.splitlines() if "IMPORT FAILED" in line and "lambda_eclipse" in line], log
     assert (server.base / "input" / "lambda_eclipse_cat.jpg").is_file()
@@ -149,8 +158,52 @@ def test_workflow_runs(server, path):
     assert saved
     for img in saved:
         assert (server.base / "output" / img["subfolder"] / img["filename"]).is_file()
-    if "grid" in path.stem:
-        assert len(saved) == 9
+    if "grid" in path.stem.lower():
+        assert len(saved) == 9 + 1  # the cells, and the grid as one picture
+
+
+def test_absent_file_stops_with_the_loaders_message(server):
+    """Validation, before any node runs: file, folder and link, not only ComfyUI's 'Value not in list'."""
+    prompt = fast(ui_to_api(load(WORKFLOWS[0])))
+    loader = next(n for n in prompt.values() if n["class_type"] == "LambdaEclipseLoadPrior")
+    loader["inputs"]["prior_name"] = "absent-prior.safetensors"
+    try:
+        _request(server.url + "/prompt", {"prompt": prompt, "client_id": "lambda-eclipse-test"})
+        pytest.fail("an absent model file was accepted")
+    except urllib.error.HTTPError as exc:
+        body = json.loads(exc.read())
+    errors = [e for node in body["node_errors"].values() for e in node["errors"]]
+    assert errors and errors[0]["type"] == "custom_validation_failed"
+    assert "'absent-prior.safetensors' is not in models/lambda_eclipse" in errors[0]["details"]
+    assert "https://huggingface.co/" in errors[0]["details"] and "python -m lambda_eclipse download" in errors[0]["details"]
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def test_free_memory_releases_our_models(server):
+    """After ComfyUI's "free memory" nothing of ours keeps a model: the next run reads the files again."""
+    prompt = fast(ui_to_api(load(WORKFLOWS[0])))
+    assert server.run(prompt)["status"]["status_str"] == "success"
+    loaded = _rss_mb(server.proc.pid)
+    reads = server.tail(10_000_000).count("λ-ECLIPSE prior from")
+    _request(server.url + "/free", {"unload_models": True, "free_memory": True})
+    # The prompt worker drops its caches at once (set_flag wakes it) and runs gc.collect() within its
+    # 10 s collection interval: only then are objects in reference cycles gone.
+    time.sleep(13)
+    freed = _rss_mb(server.proc.pid)
+    for node in prompt.values():  # a new seed, so the run is not served from the output cache
+        if node["class_type"] == "LambdaEclipseKandinskyDecode":
+            node["inputs"]["seed"] += 100
+    assert server.run(prompt)["status"]["status_str"] == "success"
+    after = _rss_mb(server.proc.pid)
+    assert server.tail(10_000_000).count("λ-ECLIPSE prior from") == reads + 1, "the prior was not loaded again"
+    print(f"\nserver RSS: {server.rss_ready:.0f} MB ready, {loaded:.0f} MB after a run, {freed:.0f} MB after /free, "
+          f"{after:.0f} MB after a rerun")
 
 
 def test_bad_word_reports_our_message(server):

@@ -484,3 +484,37 @@ def test_cli_needs_a_models_folder(monkeypatch):
     args = _parser().parse_args(["download"])
     with pytest.raises(InputError, match="--models"):
         args.func(args)
+
+
+def test_generate_with_download_makes_an_image_on_a_fresh_machine(hub, tmp_path, monkeypatch, capsys):
+    """The README's run command with --download: the five files come from the (loopback) hub, then an image."""
+    from lambda_eclipse.core import download as download_module
+    from lambda_eclipse.core.cli import main
+    from lambda_eclipse.core.paths import manifest as shipped
+    from lambda_eclipse.core.tiny import write_tiny_single_files
+    from PIL import Image
+
+    tiny = write_tiny_single_files(tmp_path / "tiny")
+    files = {"prior": tiny["prior_file"], **{k: tiny[k] for k in ("clip_text", "clip_vision", "decoder_unet", "decoder_movq")}}
+    entries = []
+    for key, entry in shipped().items():
+        content = files[key].read_bytes()
+        hub.files[(entry.repo, entry.file)] = content
+        entries.append({"key": key, "what": entry.what, "repo": entry.repo, "file": entry.file, "revision": "main",
+                        "folder": entry.folder, "name": entry.name, "size": len(content), "sha256": sha(content)})
+    test_manifest = tmp_path / "manifest.json"
+    test_manifest.write_text(json.dumps(entries))
+    monkeypatch.setattr(download_module, "MANIFEST_PATH", test_manifest)
+    photo = tmp_path / "dog.png"
+    Image.new("RGB", (80, 60), (150, 90, 40)).save(photo)
+    models, out = tmp_path / "models", tmp_path / "out.png"
+    argv = ["generate", "--models", str(models), "--download", "--prompt", "a dog on a beach", "--subject", f"dog={photo}",
+            "--steps", "2", "--width", "64", "--height", "64", "--device", "cpu", "--quiet", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert Image.open(out).size == (64, 64)
+    for entry in shipped().values():
+        assert (models / entry.folder / entry.name).is_file()
+    gets = len(hub.gets())
+    out.unlink()
+    assert main(argv) == 0  # a second run finds every file and fetches nothing
+    assert len(hub.gets()) == gets

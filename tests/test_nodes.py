@@ -80,7 +80,7 @@ def encode(clip, word, image=None, **kw):
 
 def test_root_package_exports_the_mappings():
     assert ROOT_MAPPINGS is NODE_CLASS_MAPPINGS
-    assert len(NODE_CLASS_MAPPINGS) == 10
+    assert len(NODE_CLASS_MAPPINGS) == 11
     assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
     assert all(k.startswith("LambdaEclipse") for k in NODE_CLASS_MAPPINGS)
 
@@ -139,7 +139,7 @@ def test_loader_lists(models):
     assert PRIOR in priors and "single_prior.safetensors" in priors
     assert not any(CLIP in p or "/" in p for p in priors)  # no files from inside model folders
     assert CLIP in clips and not any(n.startswith(CLIP + "/") for n in clips)
-    assert decoders == [DECODER]
+    assert DECODER in decoders and not any(n.startswith(DECODER + "/") for n in decoders)
 
 
 def test_loaders_cache_and_reload_on_change(models, tmp_path):
@@ -158,7 +158,8 @@ def test_loaders_cache_and_reload_on_change(models, tmp_path):
     changed = NODE_CLASS_MAPPINGS["LambdaEclipseLoadPrior"].IS_CHANGED("single_prior.safetensors", "auto")
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
     assert NODE_CLASS_MAPPINGS["LambdaEclipseLoadPrior"].IS_CHANGED("single_prior.safetensors", "auto") != changed
-    assert NODE_CLASS_MAPPINGS["LambdaEclipseLoadPrior"].IS_CHANGED("gone.safetensors", "auto") == ""
+    gone = NODE_CLASS_MAPPINGS["LambdaEclipseLoadPrior"].IS_CHANGED("gone.safetensors", "auto")
+    assert gone == NODE_CLASS_MAPPINGS["LambdaEclipseLoadPrior"].IS_CHANGED("gone.safetensors", "auto") != changed
     bf, = node("LambdaEclipseLoadPrior").load(PRIOR, "bf16")
     assert bf.model.proj_in.weight.dtype == torch.bfloat16
 
@@ -166,11 +167,11 @@ def test_loaders_cache_and_reload_on_change(models, tmp_path):
 def test_loader_errors(models):
     with pytest.raises(ModelFileError, match="not a readable .safetensors"):
         node("LambdaEclipseLoadPrior").load("not_a_prior.safetensors", "auto")
-    with pytest.raises(MissingModelsError, match="Download it from https://huggingface.co/ECLIPSE-Community"):
+    with pytest.raises(MissingModelsError, match="'gone.safetensors' is not in.*https://huggingface.co/ECLIPSE-Community"):
         node("LambdaEclipseLoadPrior").load("gone.safetensors", "auto")
     with pytest.raises(ModelFileError, match="not a name from the list"):
         node("LambdaEclipseLoadPrior").load("../diffusers/kandinsky-2-2-decoder", "auto")
-    with pytest.raises(ModelFileError, match="not an OpenCLIP model"):  # a prior given to the CLIP loader
+    with pytest.raises(ModelFileError, match="λ-ECLIPSE prior"):  # a prior given to the CLIP loader says what it is
         node("LambdaEclipseLoadCLIP").load("single_prior.safetensors", "auto")
     with pytest.raises(ModelFileError, match="Kandinsky 2.2 decoder"):
         node("LambdaEclipseLoadDecoder").load(PRIOR, "auto")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lambda_eclipse.core.paths import DEFAULT_LAYOUT
+from lambda_eclipse.core.paths import manifest
 from lambda_eclipse.nodes import NODE_CLASS_MAPPINGS
 from lambda_eclipse.nodes.assets import ASSETS_DIR, PREFIX
 
@@ -25,7 +25,13 @@ CORE_NODES = {
                   "outputs": [], "output_names": []},
     "Note": {"sockets": [], "widgets": [("text", "STRING", {})], "outputs": [], "output_names": []},
 }
-LOADERS = {"LambdaEclipseLoadPrior": "prior", "LambdaEclipseLoadCLIP": "clip", "LambdaEclipseLoadDecoder": "decoder"}
+# Each loader's model combos → the manifest entry (file, folder, link) its default value names.
+LOADERS = {
+    "LambdaEclipseLoadPrior": {"prior_name": "prior"},
+    "LambdaEclipseLoadCLIP": {"clip_name": "clip_text", "vision_name": "clip_vision"},
+    "LambdaEclipseLoadDecoder": {"decoder_name": "decoder_unet", "movq_name": "decoder_movq"},
+}
+FILES = manifest()
 
 
 def declaration(node_type: str) -> dict:
@@ -120,8 +126,8 @@ def test_node_types_and_widgets(workflow):
                 assert value == "fixed", f"{where}: bundled workflows keep seeds fixed"
             elif wtype == "UPLOAD":
                 assert value == "image", where
-            elif wtype == "COMBO" and kind in LOADERS and name.endswith("_name"):
-                assert value == Path(DEFAULT_LAYOUT[LOADERS[kind]]).name, f"{where}: use the README default name"
+            elif wtype == "COMBO" and kind in LOADERS and name in LOADERS[kind]:
+                assert value == FILES[LOADERS[kind][name]].name, f"{where}: use the manifest's default file name"
             elif wtype == "COMBO" and kind != "LoadImage":
                 assert value in options["choices"], where
 
@@ -176,18 +182,53 @@ def test_images_ship_in_assets(workflow):
 
 
 def test_loaders_carry_download_info(workflow):
+    """One properties.models entry per weight combo, name == the widget value (both frontends' rule)."""
     seen = set()
     for node in workflow["nodes"]:
-        if node["type"] in LOADERS:
-            seen.add(node["type"])
-            models = node["properties"]["models"]
-            assert models
-            for model in models:
-                assert set(model) == {"name", "url", "directory"}
-                assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith(".safetensors")
-                assert model["name"].startswith(node["widgets_values"][0] + "/")
-                assert DEFAULT_LAYOUT[LOADERS[node["type"]]] == f"{model['directory']}/{node['widgets_values'][0]}"
+        if node["type"] not in LOADERS:
+            continue
+        seen.add(node["type"])
+        decl = declaration(node["type"])
+        values = {name: value for (name, _k, _o), value in zip(decl["widgets"], node["widgets_values"])}
+        models = node["properties"]["models"]
+        assert [m["name"] for m in models] == [values[combo] for combo in LOADERS[node["type"]]]
+        for model, (combo, key) in zip(models, LOADERS[node["type"]].items()):
+            entry = FILES[key]
+            assert set(model) == {"name", "url", "directory"}
+            assert model == {"name": entry.name, "url": entry.url, "directory": entry.folder}
+            assert model["name"].endswith(".safetensors") and "/" not in model["name"]
+            assert re.fullmatch(r"https://huggingface\.co/[\w.-]+/[\w.-]+/resolve/[\w.-]+/[\w./-]+\.safetensors", model["url"])
+            # The combo's options never hold an absent file: the newest frontend flags a value not among them.
+            assert model["name"] not in dict((n, o) for n, _k, o in decl["widgets"])[combo]["choices"]
     assert seen == set(LOADERS)
+    top = {m["name"]: m for m in workflow["models"]}
+    for node in workflow["nodes"]:
+        for model in node["properties"].get("models", []):
+            assert top[model["name"]] == model
+
+
+def test_no_other_json_in_the_templates_folder():
+    """Every .json in workflows/ becomes a template card: only workflows may live there."""
+    for path in (REPO / "workflows").glob("*.json"):
+        assert {"nodes", "links", "version"} <= set(load(path)), f"{path.name} is not a workflow"
+
+
+def test_saved_view_shows_every_node_without_overlap(workflow):
+    """At the saved scale/offset the whole graph fits a 1600×1000 window, and no node covers another."""
+    scale, (ox, oy) = workflow["extra"]["ds"]["scale"], workflow["extra"]["ds"]["offset"]
+    # Below 8 px for 14 px text (the newest frontend's default level-of-detail threshold) nodes draw without text.
+    assert scale >= 8 / 14, f"saved scale {scale}: the graph would open unreadable"
+    title = 30  # the title bar sits above pos
+    boxes = []
+    for node in workflow["nodes"]:
+        (x, y), (w, h) = node["pos"], node["size"]
+        boxes.append((node["id"], x, y - title, x + w, y + h))
+        assert 0 <= (x + ox) * scale and (x + w + ox) * scale <= 1600, f"node {node['id']} off screen horizontally"
+        assert 0 <= (y - title + oy) * scale and (y + h + oy) * scale <= 1000, f"node {node['id']} off screen vertically"
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            overlap = min(a[3], b[3]) - max(a[1], b[1]) > 0 and min(a[4], b[4]) - max(a[2], b[2]) > 0
+            assert not overlap, f"nodes {a[0]} and {b[0]} overlap"
 
 
 def test_a_note_explains_what_to_change(workflow):
@@ -227,14 +268,24 @@ def test_expected_content():
         name: [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "LambdaEclipseInterleavePrompt"]
         for name, wf in by_name.items()
     }
-    assert prompts["lambda_eclipse_1_single_subject"] == ["a cat on top of the snow mountain"]
-    assert prompts["lambda_eclipse_2_two_subjects"] == ["a cat wearing glasses at a park"]
-    assert prompts["lambda_eclipse_4_canny_layout"] == ["a dog is surfing"]
-    assert set(prompts["lambda_eclipse_5_interpolation_grid"]) == {"a dog is wearing a hat"}
-    canny = by_name["lambda_eclipse_4_canny_layout"]
-    assert any(n["type"] == "LambdaEclipseCannyCondition" for n in canny["nodes"])
-    grid = next(n for n in by_name["lambda_eclipse_5_interpolation_grid"]["nodes"] if n["type"] == "LambdaEclipseEmbeddingGrid")
-    assert grid["widgets_values"][0] >= 2  # 3×3 or larger
+    one, two, three, canny, grid = sorted(by_name)
+    assert prompts[one] == ["a cat on top of the snow mountain"]
+    assert prompts[two] == ["a cat wearing glasses at a park"]
+    assert prompts[three] == ["a dog wearing a hat and sunglasses on a beach"]
+    assert prompts[canny] == ["a dog is surfing"]
+    assert set(prompts[grid]) == {"a dog is wearing a hat"}
+    assert any(n["type"] == "LambdaEclipseCannyCondition" for n in by_name[canny]["nodes"])
+    nodes = by_name[grid]["nodes"]
+    assert next(n for n in nodes if n["type"] == "LambdaEclipseEmbeddingGrid")["widgets_values"][0] >= 2  # 3×3 or larger
+    # The paper's figure is one picture: the grid workflow also saves the tiled grid.
+    tiles = [n for n in nodes if n["type"] == "LambdaEclipseImageGrid"]
+    links = {link[0]: link for link in by_name[grid]["links"]}
+    assert tiles and any(links[s["link"]][1] == tiles[0]["id"] for n in nodes if n["type"] == "SaveImage" for s in n["inputs"])
+    notes = [n["widgets_values"][0] for wf in by_name.values() for n in wf["nodes"] if n["type"] == "Note"]
+    for text in notes:
+        assert text.count("To change:") == 1, text
+        for entry in FILES.values():
+            assert f"models/{entry.folder}/{entry.name}" in text
 
 
 def test_workflows_match_their_builder(tmp_path):

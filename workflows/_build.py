@@ -11,9 +11,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-from lambda_eclipse.core.paths import DEFAULT_LAYOUT, SPECS  
-from lambda_eclipse.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  
-from lambda_eclipse.nodes.assets import PREFIX  
+from lambda_eclipse.core.paths import manifest  # noqa: E402
+from lambda_eclipse.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from lambda_eclipse.nodes.assets import PREFIX  # noqa: E402
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 # The few ComfyUI core nodes the workflows use: (socket inputs, widget names, outputs).
@@ -23,55 +23,53 @@ CORE_NODES = {
     "SaveImage": ([("images", "IMAGE")], ["filename_prefix"], []),
     "Note": ([], ["text"], []),
 }
-MODEL_NAMES = {key: Path(DEFAULT_LAYOUT[key]).name for key in DEFAULT_LAYOUT}
-HF = {key: SPECS[key].url for key in SPECS}
-# Entries name a *file inside* the model folder, so an existence check by file name is exact (ComfyUI lists
-# files, never folders). Frontend 1.27 only considers entries whose name equals a widget value, which a folder
-# name cannot be without a false "missing" every time; so there these entries stay quiet, and the Note says
-# where each model goes.
+FILES = manifest()
+# Each loader's model combos and the manifest entry each one names. The frontends' missing-models check
+# (1.27: an entry whose name equals a widget value; newest: a combo whose .safetensors value is not among its
+# options) needs exactly this: one combo per weight file, properties.models[].name == the widget value.
+LOADER_FILES = {
+    "LambdaEclipseLoadPrior": {"prior_name": "prior"},
+    "LambdaEclipseLoadCLIP": {"clip_name": "clip_text", "vision_name": "clip_vision"},
+    "LambdaEclipseLoadDecoder": {"decoder_name": "decoder_unet", "movq_name": "decoder_movq"},
+}
 MODELS = {
-    "LambdaEclipseLoadPrior": [{
-        "name": f"{MODEL_NAMES['prior']}/diffusion_pytorch_model.safetensors",
-        "url": f"{HF['prior']}/resolve/main/diffusion_pytorch_model.safetensors",
-        "directory": "lambda_eclipse",
-    }],
-    "LambdaEclipseLoadCLIP": [{
-        "name": f"{MODEL_NAMES['clip']}/open_clip_model.safetensors",
-        "url": f"{HF['clip']}/resolve/main/open_clip_model.safetensors",
-        "directory": "lambda_eclipse",
-    }],
-    "LambdaEclipseLoadDecoder": [
-        {"name": f"{MODEL_NAMES['decoder']}/{part}/diffusion_pytorch_model.safetensors",
-         "url": f"{HF['decoder']}/resolve/main/{part}/diffusion_pytorch_model.safetensors",
-         "directory": "diffusers"}
-        for part in ("unet", "movq")
-    ],
+    node: [{"name": FILES[key].name, "url": FILES[key].url, "directory": FILES[key].folder} for key in combos.values()]
+    for node, combos in LOADER_FILES.items()
 }
 NOTE_MODELS = (
-    "Models (folder names as in the loaders):\n"
-    f"• models/{DEFAULT_LAYOUT['prior']}/ ← config.json + diffusion_pytorch_model.safetensors from {HF['prior']}\n"
-    f"• models/{DEFAULT_LAYOUT['clip']}/ ← open_clip_config.json + open_clip_model.safetensors from {HF['clip']}\n"
-    f"• models/{DEFAULT_LAYOUT['decoder']}/ ← the whole folder (model_index.json, unet/, movq/, scheduler/) from {HF['decoder']}\n"
+    "Models: five files, each in its ComfyUI folder (a browser's Download button saves to your Downloads folder: "
+    "move the file there), or run once: python -m lambda_eclipse download --models ComfyUI/models\n"
+    + "".join(f"• models/{e.folder}/{e.name} ({e.size_text()})\n" for e in FILES.values())
+    + "SDXL users already have both CLIP towers (clip_g or the SDXL checkpoint, clip_vision_g): pick them in Load CLIP."
 )
+# The view a template opens with must show every node in a 1600×1000 window (the canvas is a little smaller).
+VIEW = (1600, 1000)
 
 
 def declaration(node_type: str):
-    """(socket inputs [(name, type)], widget names incl. control values, outputs [(name, type)])."""
+    """(socket inputs [(name, type)], widget names incl. control values, outputs [(name, type)], defaults)."""
     if node_type in CORE_NODES:
-        return CORE_NODES[node_type]
+        return CORE_NODES[node_type] + ({},)
     cls = NODE_CLASS_MAPPINGS[node_type]
     spec = cls.INPUT_TYPES()
-    sockets, widgets = [], []
+    sockets, widgets, defaults = [], [], {}
     for section in ("required", "optional"):
         for name, decl in spec.get(section, {}).items():
             kind, options = decl[0], (decl[1] if len(decl) > 1 else {})
             if isinstance(kind, list) or kind in WIDGET_TYPES:
                 widgets.append(name)
+                if "default" in options:
+                    defaults[name] = options["default"]
                 if options.get("control_after_generate"):
                     widgets.append(f"{name}:control_after_generate")
             else:
                 sockets.append((name, kind))
-    return sockets, widgets, list(zip(cls.RETURN_NAMES, cls.RETURN_TYPES))
+    return sockets, widgets, list(zip(cls.RETURN_NAMES, cls.RETURN_TYPES)), defaults
+
+
+def node_height(sockets: int, outputs: int, widgets: int) -> int:
+    """At least the height the frontend gives such a node (title, slot rows, then widget rows)."""
+    return 46 + 24 * max(sockets, outputs) + 30 * widgets
 
 
 class Graph:
@@ -79,7 +77,7 @@ class Graph:
         self.nodes, self.links = [], []
 
     def add(self, node_type, pos, widgets=None, title=None, size=None):
-        sockets, widget_names, outputs = declaration(node_type)
+        sockets, widget_names, outputs, defaults = declaration(node_type)
         widgets = dict(widgets or {})
         values = []
         for name in widget_names:
@@ -87,12 +85,15 @@ class Graph:
                 values.append("fixed")
             elif name == "upload":
                 values.append("image")
-            else:
+            elif name in widgets:
                 values.append(widgets.pop(name))
+            else:  # an optional widget the workflow leaves at its default
+                values.append(defaults[name])
         assert not widgets, f"unknown widgets for {node_type}: {widgets}"
         node = {
             "id": len(self.nodes) + 1, "type": node_type, "pos": list(pos),
-            "size": list(size or [320, 60 + 26 * (len(sockets) + len(values))]),
+            "size": [given if given is not None else auto for given, auto in
+                     zip(size or [None, None], [320, node_height(len(sockets), len(outputs), len(values))])],
             "flags": {}, "order": len(self.nodes), "mode": 0,
             "inputs": [{"name": n, "type": t, "link": None} for n, t in sockets],
             "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
@@ -108,6 +109,10 @@ class Graph:
             node["color"], node["bgcolor"] = "#432", "#653"
         self.nodes.append(node)
         return node["id"]
+
+    def bottom(self, *ids, gap=60):
+        """The y just below the lowest of these nodes."""
+        return max(self.nodes[i - 1]["pos"][1] + self.nodes[i - 1]["size"][1] for i in ids) + gap
 
     def link(self, src, src_output, dst, dst_input):
         s, d = self.nodes[src - 1], self.nodes[dst - 1]
@@ -129,23 +134,46 @@ class Graph:
             "id": "00000000-0000-4000-8000-00000000e11a", "revision": 0,
             "last_node_id": len(self.nodes), "last_link_id": len(self.links),
             "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}}, "version": 0.4,
+            "extra": {"ds": self.fit_view()}, "models": self.models(), "version": 0.4,
         }
+
+    def models(self):
+        """The top-level list: every model file the graph names (the frontends use it to enrich per-node entries)."""
+        seen = {}
+        for node in self.nodes:
+            for model in node["properties"].get("models", []):
+                seen.setdefault(model["name"], model)
+        return list(seen.values())
+
+    def fit_view(self, left=90, top=80, right=30, bottom=60):
+        """Scale and offset so the whole graph is on screen (LiteGraph draws at (pos + offset) · scale); the
+        margins keep it clear of the frontends' side bar and tool bars."""
+        x0 = min(n["pos"][0] for n in self.nodes)
+        y0 = min(n["pos"][1] for n in self.nodes) - 40  # titles sit above pos
+        x1 = max(n["pos"][0] + n["size"][0] for n in self.nodes)
+        y1 = max(n["pos"][1] + n["size"][1] for n in self.nodes)
+        scale = min(1.0, (VIEW[0] - left - right) / (x1 - x0), (VIEW[1] - top - bottom) / (y1 - y0))
+        scale = int(scale * 100) / 100
+        return {"scale": scale, "offset": [round(left / scale - x0, 1), round(top / scale - y0, 1)]}
 
 
 def loaders(g: Graph, x=0, y=0):
-    prior = g.add("LambdaEclipseLoadPrior", (x, y), {"prior_name": MODEL_NAMES["prior"], "dtype": "auto"})
-    clip = g.add("LambdaEclipseLoadCLIP", (x, y + 130), {"clip_name": MODEL_NAMES["clip"], "dtype": "auto"})
-    decoder = g.add("LambdaEclipseLoadDecoder", (x, y + 260), {"decoder_name": MODEL_NAMES["decoder"], "dtype": "auto"})
+    def files(node):
+        return {combo: FILES[key].name for combo, key in LOADER_FILES[node].items()}
+
+    prior = g.add("LambdaEclipseLoadPrior", (x, y), dict(files("LambdaEclipseLoadPrior"), dtype="auto"), size=[340, 110])
+    clip = g.add("LambdaEclipseLoadCLIP", (x, y + 150), dict(files("LambdaEclipseLoadCLIP"), dtype="auto"), size=[340, 130])
+    decoder = g.add("LambdaEclipseLoadDecoder", (x, y + 320), dict(files("LambdaEclipseLoadDecoder"), dtype="auto"),
+                    size=[340, 130])
     return prior, clip, decoder
 
 
-def image(g: Graph, asset: str, pos):
-    return g.add("LoadImage", pos, {"image": PREFIX + asset}, size=[260, 320])
+def image(g: Graph, asset: str, pos, size=(280, 330)):
+    return g.add("LoadImage", pos, {"image": PREFIX + asset}, size=list(size))
 
 
-def subject(g, clip, img, word, pos, previous=None):
-    node = g.add("LambdaEclipseEncodeSubject", pos, {"word": word, "weight": 1.0, "fit": "crop"})
+def subject(g, clip, img, word, pos, previous=None, width=300):
+    node = g.add("LambdaEclipseEncodeSubject", pos, {"word": word, "weight": 1.0, "fit": "crop"}, size=[width, None])
     g.link(clip, "clip", node, "clip")
     g.link(img, "IMAGE", node, "image")
     if previous:
@@ -154,33 +182,41 @@ def subject(g, clip, img, word, pos, previous=None):
 
 
 def finish(g, prior, clip, decoder, prompt_node, pos, prefix, control=None, seed=42, batch=1):
-    sample = g.add("LambdaEclipsePriorSample", pos, {"seed": seed, "batch_size": batch})
+    x, y = pos
+    sample = g.add("LambdaEclipsePriorSample", (x, y), {"seed": seed, "batch_size": batch})
     g.link(prior, "prior", sample, "prior")
     g.link(clip, "clip", sample, "clip")
     g.link(prompt_node, "prompt", sample, "prompt")
     if control:
         g.link(control, "control", sample, "control")
-    dec = g.add("LambdaEclipseKandinskyDecode", (pos[0] + 360, pos[1]), {
+    dec = g.add("LambdaEclipseKandinskyDecode", (x + 370, y), {
         "width": 512, "height": 512, "steps": 50, "guidance": 7.5, "seed": seed, "batch_seeds": "increment"})
     g.link(decoder, "decoder", dec, "decoder")
     g.link(sample, "embeds", dec, "embeds")
-    save = g.add("SaveImage", (pos[0] + 720, pos[1]), {"filename_prefix": f"lambda_eclipse/{prefix}"}, size=[400, 440])
+    save = g.add("SaveImage", (x + 740, y), {"filename_prefix": f"lambda_eclipse/{prefix}"}, size=[420, 470])
     g.link(dec, "images", save, "images")
     return sample, dec
 
 
-def subjects_workflow(name, text, items, note):
+def note(g, text, loaders_bottom, height=430):
+    return g.add("Note", (0, loaders_bottom), {"text": text + "\n\n" + NOTE_MODELS}, size=[340, height])
+
+
+def subjects_workflow(name, text, items, note_text):
     g = Graph()
     prior, clip, decoder = loaders(g)
-    g.add("Note", (0, 420), {"text": note + "\n\n" + NOTE_MODELS}, size=[340, 400])
-    previous = None
+    note(g, note_text, g.bottom(decoder))
+    previous, images, subjects = None, [], []
     for i, (asset, word) in enumerate(items):
-        img = image(g, asset, (380 + 300 * i, 0))
-        previous = subject(g, clip, img, word, (380 + 300 * i, 360), previous)
-    prompt = g.add("LambdaEclipseInterleavePrompt", (380, 620), {"text": text}, size=[400, 160])
+        images.append(image(g, asset, (400 + 320 * i, 0)))
+    for i, (asset, word) in enumerate(items):
+        previous = subject(g, clip, images[i], word, (400 + 320 * i, g.bottom(*images)), previous)
+        subjects.append(previous)
+    y = g.bottom(*subjects)
+    prompt = g.add("LambdaEclipseInterleavePrompt", (400, y), {"text": text}, size=[420, 170])
     g.link(clip, "clip", prompt, "clip")
     g.link(previous, "subjects", prompt, "subjects")
-    finish(g, prior, clip, decoder, prompt, (820, 620), name)
+    finish(g, prior, clip, decoder, prompt, (860, y), name)
     return g
 
 
@@ -189,73 +225,100 @@ EDIT = ("To change: load your own photo in each Load Image, set the subject's wo
         "to 'randomize' for new pictures.")
 
 
+def canny_workflow():
+    g = Graph()
+    prior, clip, decoder = loaders(g)
+    note(g, "λ-ECLIPSE with a Canny edge layout: the dog is placed as in the layout image.\n\n" + EDIT + " Load "
+         "another layout (any picture; its edges are used) and tune the thresholds, or turn on image_is_edge_map "
+         "to feed an edge map from another node.", g.bottom(decoder), height=470)
+    dog = image(g, "dog.jpg", (400, 0))
+    layout = image(g, "surf_layout.png", (720, 0))
+    preview = g.add("PreviewImage", (1040, 0), size=[300, 330])
+    y = g.bottom(dog, layout, preview)
+    subj = subject(g, clip, dog, "dog", (400, y))
+    canny = g.add("LambdaEclipseCannyCondition", (720, y),
+                  {"low_threshold": 100, "high_threshold": 200, "image_is_edge_map": False}, size=[300, None])
+    g.link(clip, "clip", canny, "clip")
+    g.link(layout, "IMAGE", canny, "image")
+    g.link(canny, "edge_map", preview, "images")
+    y = g.bottom(subj, canny)
+    prompt = g.add("LambdaEclipseInterleavePrompt", (400, y), {"text": "a dog is surfing"}, size=[420, 170])
+    g.link(clip, "clip", prompt, "clip")
+    g.link(subj, "subjects", prompt, "subjects")
+    finish(g, prior, clip, decoder, prompt, (860, y), "canny", control=canny)
+    return g
+
+
+def grid_workflow():
+    """Compact enough to open readable (scale ≥ 0.58, where the frontends still draw text) in a 1600×1000 window."""
+    g = Graph()
+    prior, clip, decoder = loaders(g)
+    note(g, "λ-ECLIPSE interpolation grid (the paper's figure): two dogs × two hats, prompt 'a dog is wearing a hat'. "
+         "Each corner (a column below) is one Prior Sample with the same seed; Embedding Grid blends them (steps 2 → "
+         "3×3, 4 → 5×5) and Kandinsky Decode uses one seed for every cell (batch_seeds 'same'), so only the blend "
+         "changes. Image Grid lays the pictures out as one picture.\n\nTo change: swap the dog and hat photos, the "
+         "prompt (all four Interleave Prompt nodes) or the grid steps.", g.bottom(decoder), height=500)
+    photos = [image(g, name, (380 + 290 * i, 0), size=[270, 290])
+              for i, name in enumerate(("dog.jpg", "dog_spotted.jpg", "hat.jpg", "hat_straw.jpg"))]
+    dogs, hats = photos[:2], photos[2:]
+    y = g.bottom(*photos, gap=50)
+    dog_subjects = [subject(g, clip, d, "dog", (380 + 290 * i, y), width=270) for i, d in enumerate(dogs)]
+    top = g.bottom(*dog_subjects, gap=50)
+    corners = []
+    for i, (dog_node, hat_img) in enumerate((d, h) for d in dog_subjects for h in hats):
+        x = 380 + 290 * i
+        both = subject(g, clip, hat_img, "hat", (x, top), previous=dog_node, width=270)
+        prompt = g.add("LambdaEclipseInterleavePrompt", (x, g.bottom(both, gap=40)), {"text": "a dog is wearing a hat"},
+                       size=[270, 120])
+        g.link(clip, "clip", prompt, "clip")
+        g.link(both, "subjects", prompt, "subjects")
+        sample = g.add("LambdaEclipsePriorSample", (x, g.bottom(prompt, gap=40)), {"seed": 7, "batch_size": 1}, size=[270, None])
+        g.link(prior, "prior", sample, "prior")
+        g.link(clip, "clip", sample, "clip")
+        g.link(prompt, "prompt", sample, "prompt")
+        corners.append(sample)
+    x = 380 + 290 * 4
+    grid = g.add("LambdaEclipseEmbeddingGrid", (x, 0), {"steps": 2, "mode": "lerp"}, size=[300, None])
+    for sample, name in zip(corners, ("top_left", "top_right", "bottom_left", "bottom_right")):
+        g.link(sample, "embeds", grid, name)
+    dec = g.add("LambdaEclipseKandinskyDecode", (x, g.bottom(grid, gap=50)), {
+        "width": 512, "height": 512, "steps": 50, "guidance": 7.5, "seed": 7, "batch_seeds": "same"}, size=[300, None])
+    g.link(decoder, "decoder", dec, "decoder")
+    g.link(grid, "embeds", dec, "embeds")
+    tile = g.add("LambdaEclipseImageGrid", (x, g.bottom(dec, gap=50)), {"columns": 0, "gap": 8}, size=[300, None])
+    g.link(dec, "images", tile, "images")
+    save_grid = g.add("SaveImage", (x + 330, 0), {"filename_prefix": "lambda_eclipse/grid_figure"}, size=[440, 560])
+    g.link(tile, "image", save_grid, "images")
+    save = g.add("SaveImage", (x + 330, g.bottom(save_grid, gap=50)), {"filename_prefix": "lambda_eclipse/grid"},
+                 size=[440, 420])
+    g.link(dec, "images", save, "images")
+    return g
+
+
+# Template cards are titled with the file name and cannot be ordered: the names say what each one makes.
+NAMES = {
+    "one_subject": "1 - One subject (a cat on a mountain)",
+    "two_subjects": "2 - Two subjects (a cat wearing glasses)",
+    "three_subjects": "3 - Three subjects (dog, hat, sunglasses)",
+    "canny": "4 - Canny layout (a dog surfing)",
+    "grid": "5 - Interpolation grid (two dogs x two hats)",
+}
+
+
 def build():
     out = {}
-    out["lambda_eclipse_1_single_subject"] = subjects_workflow(
+    out[NAMES["one_subject"]] = subjects_workflow(
         "single_subject", "a cat on top of the snow mountain", [("cat.jpg", "cat")],
         "λ-ECLIPSE, one subject: the cat photo is written into the prompt at the word 'cat'.\n\n" + EDIT)
-    out["lambda_eclipse_2_two_subjects"] = subjects_workflow(
+    out[NAMES["two_subjects"]] = subjects_workflow(
         "two_subjects", "a cat wearing glasses at a park", [("cat.jpg", "cat"), ("glasses.jpg", "glasses")],
         "λ-ECLIPSE, two subjects chained through Encode Subject → subjects: 'cat' and 'glasses'.\n\n" + EDIT)
-    out["lambda_eclipse_3_three_subjects"] = subjects_workflow(
+    out[NAMES["three_subjects"]] = subjects_workflow(
         "three_subjects", "a dog wearing a hat and sunglasses on a beach",
         [("dog.jpg", "dog"), ("hat.jpg", "hat"), ("sunglasses.jpg", "sunglasses")],
         "λ-ECLIPSE, three subjects: 'dog', 'hat' and 'sunglasses' (each one CLIP token of the prompt).\n\n" + EDIT)
-
-    g = Graph()
-    prior, clip, decoder = loaders(g)
-    g.add("Note", (0, 420), {"text": "λ-ECLIPSE with a Canny edge layout: the dog is placed as in the layout image.\n\n"
-                             "To change: load another layout (any picture; its edges are used) and tune the thresholds, or "
-                             "turn on image_is_edge_map to feed an edge map from another node. " + EDIT + "\n\n" + NOTE_MODELS},
-          size=[340, 420])
-    dog = image(g, "dog.jpg", (380, 0))
-    subj = subject(g, clip, dog, "dog", (380, 360))
-    layout = image(g, "surf_layout.png", (700, 0))
-    canny = g.add("LambdaEclipseCannyCondition", (700, 360), {"low_threshold": 100, "high_threshold": 200, "image_is_edge_map": False})
-    g.link(clip, "clip", canny, "clip")
-    g.link(layout, "IMAGE", canny, "image")
-    preview = g.add("PreviewImage", (1040, 0), size=[300, 320])
-    g.link(canny, "edge_map", preview, "images")
-    prompt = g.add("LambdaEclipseInterleavePrompt", (380, 620), {"text": "a dog is surfing"}, size=[400, 160])
-    g.link(clip, "clip", prompt, "clip")
-    g.link(subj, "subjects", prompt, "subjects")
-    finish(g, prior, clip, decoder, prompt, (820, 620), "canny", control=canny)
-    out["lambda_eclipse_4_canny_layout"] = g
-
-    g = Graph()
-    prior, clip, decoder = loaders(g)
-    g.add("Note", (0, 420), {"text": "λ-ECLIPSE interpolation grid (the paper's figure): two dogs × two hats, prompt "
-                             "'a dog is wearing a hat'. Each corner is one Prior Sample with the same seed; Embedding Grid "
-                             "blends them (steps 2 → 3×3, 4 → 5×5) and Kandinsky Decode uses one seed for every cell "
-                             "(batch_seeds 'same'), so only the blend changes.\n\nTo change: swap the dog and hat photos, "
-                             "the prompt (all four Interleave Prompt nodes) or the grid steps.\n\n" + NOTE_MODELS},
-          size=[340, 480])
-    dogs = [image(g, "dog.jpg", (380, 0)), image(g, "dog_spotted.jpg", (380, 340))]
-    hats = [image(g, "hat.jpg", (680, 0)), image(g, "hat_straw.jpg", (680, 340))]
-    dog_subjects = [subject(g, clip, d, "dog", (980, 40 + 300 * i)) for i, d in enumerate(dogs)]
-    corners = []
-    for r, dog_node in enumerate(dog_subjects):
-        for c, hat_img in enumerate(hats):
-            y = 700 + 260 * (2 * r + c)
-            both = subject(g, clip, hat_img, "hat", (380, y), previous=dog_node)
-            prompt = g.add("LambdaEclipseInterleavePrompt", (720, y), {"text": "a dog is wearing a hat"}, size=[360, 140])
-            g.link(clip, "clip", prompt, "clip")
-            g.link(both, "subjects", prompt, "subjects")
-            sample = g.add("LambdaEclipsePriorSample", (1120, y), {"seed": 7, "batch_size": 1})
-            g.link(prior, "prior", sample, "prior")
-            g.link(clip, "clip", sample, "clip")
-            g.link(prompt, "prompt", sample, "prompt")
-            corners.append(sample)
-    grid = g.add("LambdaEclipseEmbeddingGrid", (1480, 700), {"steps": 2, "mode": "lerp"})
-    for sample, name in zip(corners, ("top_left", "top_right", "bottom_left", "bottom_right")):
-        g.link(sample, "embeds", grid, name)
-    dec = g.add("LambdaEclipseKandinskyDecode", (1840, 700), {
-        "width": 512, "height": 512, "steps": 50, "guidance": 7.5, "seed": 7, "batch_seeds": "same"})
-    g.link(decoder, "decoder", dec, "decoder")
-    g.link(grid, "embeds", dec, "embeds")
-    save = g.add("SaveImage", (2200, 700), {"filename_prefix": "lambda_eclipse/grid"}, size=[440, 480])
-    g.link(dec, "images", save, "images")
-    out["lambda_eclipse_5_interpolation_grid"] = g
+    out[NAMES["canny"]] = canny_workflow()
+    out[NAMES["grid"]] = grid_workflow()
     return out
 
 
@@ -272,7 +335,7 @@ def thumbnail(workflow: dict, path: Path, size=(640, 400)):
     tf = lambda x, y: (pad + (x - ox) * scale, 24 + pad + (y - oy) * scale)  # noqa: E731
     image = Image.new("RGB", size, (32, 34, 40))
     d = ImageDraw.Draw(image)
-    d.text((pad, 8), "Lambda-ECLIPSE - " + path.stem.replace("lambda_eclipse_", "").replace("_", " "), fill=(235, 235, 235))
+    d.text((pad, 8), "Lambda-ECLIPSE " + path.stem, fill=(235, 235, 235))
     palette = {"IMAGE": (100, 181, 246), "LAMBDA_ECLIPSE_CLIP": (255, 214, 79), "LAMBDA_ECLIPSE_PRIOR": (186, 104, 200),
                "LAMBDA_ECLIPSE_DECODER": (239, 83, 80), "LAMBDA_ECLIPSE_EMBEDS": (129, 199, 132)}
     for _id, src, _s, dst, _d, kind in workflow["links"]:
@@ -296,7 +359,12 @@ def render(name: str, graph: Graph) -> str:
 
 
 def main(out: Path = HERE, thumbnails: bool = True):
-    for name, graph in build().items():
+    built = build()
+    for stale in out.glob("*.json"):  # renamed templates must not linger as extra cards
+        if stale.stem not in built:
+            stale.unlink()
+            stale.with_suffix(".jpg").unlink(missing_ok=True)
+    for name, graph in built.items():
         text = render(name, graph)
         (out / f"{name}.json").write_text(text, encoding="utf-8")
         if thumbnails:

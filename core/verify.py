@@ -1,0 +1,110 @@
+"""Is a model file the real thing? Header-level checks for `check`: it opens, holds the expected tensors and
+shapes, has the published size (not a tiny test model), and matches the manifest's byte size when named so."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelFileError
+from .paths import manifest
+
+# Published sizes (parameters counted from the tensors; the prior includes its two 1280-d normalisation buffers).
+EXPECTED = {
+    "prior": dict(what="λ-ECLIPSE prior", min_parameters=30_000_000, width=512, layers=10, embedding_dim=1280),
+    "clip_text": dict(what="bigG text tower", width=1280),
+    "clip_vision": dict(what="bigG vision tower", width=1664),
+    "decoder_unet": dict(what="Kandinsky 2.2 decoder UNet", min_parameters=1_200_000_000),
+    "decoder_movq": dict(what="Kandinsky 2.2 MoVQ", min_parameters=60_000_000),
+}
+
+
+@dataclass
+class Verdict:
+    key: str
+    path: Path
+    ok: bool
+    message: str
+
+
+def _header_parameters(path: Path) -> int:
+    from safetensors import safe_open
+
+    weights = path
+    if path.is_dir():
+        files = sorted(path.rglob("*.safetensors"))
+        if not files:
+            raise ModelFileError(f"{path} holds no .safetensors file.")
+        return sum(_header_parameters(f) for f in files)
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
+    except Exception as exc:
+        raise ModelFileError(f"{weights.name} is not a readable .safetensors file ({exc}). Re-download it.") from exc
+
+
+def _size_matches_manifest(key: str, path: Path) -> str | None:
+    entry = manifest().get(key)
+    if entry is None or not path.is_file() or path.name != entry.name or not entry.size:
+        return None
+    got = path.stat().st_size
+    if got != entry.size:
+        return (f"{path} is {got:,} bytes but the published file is {entry.size:,} bytes: a partial or different "
+                f"download. Fetch it again from {entry.url} (or run `python -m lambda_eclipse download`).")
+    return None
+
+
+def verify(key: str, path: str | Path) -> Verdict:
+    """Check one part; never raises for a bad file (the verdict says what is wrong and what to do)."""
+    path = Path(path)
+    spec = EXPECTED[key]
+    try:
+        problem = _size_matches_manifest(key, path)
+        if problem:
+            return Verdict(key, path, False, problem)
+        if key == "prior":
+            from .prior import sniff_prior
+
+            info = sniff_prior(path)
+            if (info.width, info.layers, info.embedding_dim) != (spec["width"], spec["layers"], spec["embedding_dim"]) \
+                    or info.parameters < spec["min_parameters"]:
+                return Verdict(key, path, False, (
+                    f"{path} is a λ-ECLIPSE-style prior but not the published one ({info.layers} blocks, width "
+                    f"{info.width}, {info.embedding_dim}-d, {info.parameters:,} parameters; published: 10 blocks, width 512, "
+                    "1280-d, 34.8M): a tiny test model or another training run. Use the published prior."))
+            return Verdict(key, path, True, f"{spec['what']}: {info.parameters:,} parameters")
+        if key in ("clip_text", "clip_vision"):
+            from .clip_formats import sniff_clip
+
+            info = sniff_clip(path)
+            tower = key.split("_")[1]
+            if tower not in info.towers:
+                return Verdict(key, path, False, f"{path} holds no {spec['what']} ({info.description}).")
+            width = info.text_width if tower == "text" else info.vision_width
+            if width != spec["width"]:
+                return Verdict(key, path, False, (
+                    f"{path} is a CLIP {tower} tower of width {width}, not bigG's {spec['width']}: a tiny test model "
+                    "or another CLIP. λ-ECLIPSE needs OpenCLIP ViT-bigG/14."))
+            return Verdict(key, path, True, f"{spec['what']}: {info.description}")
+        if path.is_file():
+            from .decoder_files import sniff_decoder_file
+
+            part = sniff_decoder_file(path)
+            if part != key.split("_")[1]:
+                return Verdict(key, path, False, f"{path} is the decoder's {part}, not its {key.split('_')[1]}: swap the two files.")
+            parameters = _header_parameters(path)
+        else:
+            sub = path / key.split("_")[1]
+            if not sub.is_dir():
+                return Verdict(key, path, False, f"{path} has no {sub.name}/ folder: it is not a Kandinsky 2.2 decoder folder.")
+            parameters = _header_parameters(sub)
+        if parameters < spec["min_parameters"]:
+            return Verdict(key, path, False, (
+                f"{path} has {parameters:,} parameters, far fewer than the published {spec['what']}: a tiny test model. "
+                "Use the published weights."))
+        return Verdict(key, path, True, f"{spec['what']}: {parameters:,} parameters")
+    except ModelFileError as exc:
+        return Verdict(key, path, False, str(exc))
+    except OSError as exc:
+        return Verdict(key, path, False, f"{path} could not be read ({exc}).")
