@@ -88,6 +88,25 @@ class ManifestEntry:
     def dest(self, models_dir: str | os.PathLike) -> Path:
         return Path(models_dir).joinpath(*PurePosixPath(self.folder).parts, self.name)
 
+    @property
+    def page(self) -> str:
+        return f"{HUB_URL}/{self.repo}"
+
+    def size_text(self) -> str:
+        return human_size(self.size) if self.size else "size unknown"
+
+    def describe(self, models_dir: str | os.PathLike | None = None) -> str:
+        """Where it goes and where it comes from, for the 'files are missing' message."""
+        where = self.dest(models_dir if models_dir else "models")
+        return f"  - {self.what} ({self.size_text()}): put it at\n      {where}\n    download: {self.url}"
+
+
+def human_size(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
+
 
 def manifest_url(entry: ManifestEntry) -> str:
     """The direct download link: https://huggingface.co/{repo}/resolve/{revision}/{file}."""

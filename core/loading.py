@@ -115,6 +115,25 @@ def write_json_atomic(obj, path: str | os.PathLike):
     os.replace(tmp, path)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask is set-and-return)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets from a plain open(): 0o666 minus the umask (temp files from mkstemp are 0600)."""
+    return 0o666 & ~current_umask()
+
+
 def resolve_dtype(dtype) -> torch.dtype:
     """Accept a torch dtype or one of 'fp32'/'fp16'/'bf16' (and their long names)."""
     if isinstance(dtype, torch.dtype):

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError, OutputPathError
+from .loading import file_mode
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -152,20 +153,6 @@ def check_size(width, height, max_side: int = MAX_SIDE, min_side: int = MIN_SIDE
     return out[0], out[1]
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where the OS allows (Linux); else set-and-restore."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _as_pil(image) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
@@ -217,7 +204,7 @@ def save_image_atomic(image, path, **save_options) -> Path:
             pil.save(handle, format=fmt, **save_options)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException as exc:
         try:

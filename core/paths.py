@@ -6,16 +6,15 @@ shipped `manifest.json`) come first; the older folder layout and any other compa
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .download import GROUPS as _GROUPS
+from .download import MANIFEST_PATH, ManifestEntry, human_size, load_manifest  # noqa: F401
 from .errors import MissingModelsError, ModelFileError
-
-MANIFEST_PATH = Path(__file__).with_name("manifest.json")
 
 # The pack's first release kept whole folders; they still load (relative to models/).
 LEGACY_LAYOUT = {
@@ -31,65 +30,19 @@ FOLDER_ALIASES = {
     "diffusion_models": ("diffusion_models", "unet"),
 }
 
-# Which manifest entries make up each model, and the groups `download --only` accepts.
-GROUPS = {"prior": ("prior",), "clip": ("clip_text", "clip_vision"), "decoder": ("decoder_unet", "decoder_movq")}
+# Which manifest entries make up each model (the groups `download --only` accepts).
+GROUPS = _GROUPS
 PARTS = tuple(part for parts in GROUPS.values() for part in parts)
-
-
-@dataclass(frozen=True)
-class ModelFile:
-    """One weight file of the manifest: where it comes from and where it goes."""
-
-    key: str
-    what: str
-    repo: str
-    file: str
-    revision: str
-    folder: str
-    name: str
-    size: int | None = None
-    sha256: str | None = None
-
-    @property
-    def url(self) -> str:
-        """A direct link to the file (what a browser or the desktop app downloads)."""
-        return f"https://huggingface.co/{self.repo}/resolve/{self.revision}/{self.file}"
-
-    @property
-    def page(self) -> str:
-        return f"https://huggingface.co/{self.repo}"
-
-    def size_text(self) -> str:
-        return human_size(self.size) if self.size else "size unknown"
-
-    def describe(self, models_dir: Path | None = None) -> str:
-        where = (Path(models_dir) if models_dir else Path("models")) / self.folder / self.name
-        return f"  - {self.what} ({self.size_text()}): put it at\n      {where}\n    download: {self.url}"
-
-
-def human_size(size: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.2f} {unit}"
-    return f"{size} B"
+ModelFile = ManifestEntry  # one weight file of the manifest: where it comes from and where it goes
 
 
 @lru_cache(maxsize=None)
-def _manifest(path: str) -> dict[str, ModelFile]:
-    try:
-        entries = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"The model list {path} could not be read ({exc}). Reinstall the pack.") from exc
-    fields = ModelFile.__dataclass_fields__
-    out = {}
-    for entry in entries:
-        known = {k: v for k, v in entry.items() if k in fields}
-        out[entry["key"]] = ModelFile(**known)
-    return out
+def _manifest(path: str) -> dict[str, ManifestEntry]:
+    return {entry.key: entry for entry in load_manifest(path)}
 
 
-def manifest(path: str | os.PathLike | None = None) -> dict[str, ModelFile]:
-    """key → ModelFile for the shipped manifest (or another one)."""
+def manifest(path: str | os.PathLike | None = None) -> dict[str, ManifestEntry]:
+    """key → entry of the shipped manifest (or another one)."""
     return _manifest(str(path or MANIFEST_PATH))
 
 

@@ -13,24 +13,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-
-def current_umask() -> int:
-    """The process umask, read without changing it where /proc allows (os.umask is set-and-return)."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def file_mode() -> int:
-    """The mode a new file gets from a plain open(): 0o666 minus the umask."""
-    return 0o666 & ~current_umask()
+from ..core.loading import current_umask, file_mode  # noqa: F401  (re-exported for the trainer)
 
 
 def set_file_mode(path: str | os.PathLike, mode: int | None = None):
