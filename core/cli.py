@@ -211,7 +211,10 @@ def _check_render_args(args, count: int, extra_outputs=()):
 def _load(args):
     from .pipeline import load_models
 
+    from .verify import check_loadable
+
     paths = _model_paths(args)
+    check_loadable(paths)  # every file's header first: a wrong file is named before minutes of loading
     device = _device(args.device)
     return load_models(paths, device=device, dtype=_dtype(args.dtype, device))
 
@@ -286,6 +289,9 @@ def cmd_encode(args) -> int:
     if args.prompt and not args.image and not (args.clip_vision or args.clip or args.models):
         needed = ["clip_text"]  # a prompt alone needs no vision tower; blank_embed is then left out
     paths = _model_paths(args, needed=needed)
+    from .verify import check_loadable
+
+    check_loadable(paths)
     device = _device(args.device)
     encoder = load_clip_towers(text=paths.get("clip_text"), vision=paths.get("clip_vision"), device=device,
                                dtype=_dtype(args.dtype, device))
@@ -353,7 +359,8 @@ def cmd_check(args) -> int:
             print(f"     ok      {key}: {found[key]} ({verdict.message})")
         else:
             ok = ok and not args.strict
-            print(f"     BROKEN  {key}: {verdict.message}")
+            where = "" if str(found[key]) in verdict.message else f"{found[key]}: "
+            print(f"     BROKEN  {key}: {where}{verdict.message}")
 
     print("2/2  Whole pipeline on tiny random-weight models (proves the code paths; the picture is noise by construction)")
     with tempfile.TemporaryDirectory(prefix="lambda_eclipse_check_") as tmp:

@@ -185,20 +185,9 @@ class _Store:
 
     def _load_torch(self, file: Path) -> dict:
         if file not in self._torch_files:
-            from .loading import _unwrap_state_dict
+            from .loading import _unwrap_state_dict, load_plain_tensors
 
-            try:
-                try:
-                    obj = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError as exc:
-                    if "mmap" not in str(exc).lower() and "zip" not in str(exc).lower():
-                        raise
-                    obj = torch.load(str(file), map_location="cpu", weights_only=True)  # legacy (non-zip) format
-            except Exception as exc:
-                raise ModelFileError(
-                    f"{file.name} could not be opened as plain weights ({str(exc)[:300]}). Only tensors are read from "
-                    ".bin/.pt/.ckpt files (weights_only=True); convert it to .safetensors."
-                ) from exc
+            obj = load_plain_tensors(file)
             state = _unwrap_state_dict(obj, file) if isinstance(obj, dict) else obj
             if not isinstance(state, dict):
                 raise ModelFileError(f"{file.name} does not hold a dict of tensors; it cannot be used as weights.")

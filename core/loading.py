@@ -39,18 +39,42 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 "Re-download it; a partial download is the usual cause."
             ) from exc
     if suffix in TORCH_SUFFIXES:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ModelFileError(
-                f"{path.name} could not be opened as plain weights ({exc}). Only tensors are "
-                "read from .bin/.pt/.ckpt files (weights_only=True); convert it to .safetensors."
-            ) from exc
-        return _unwrap_state_dict(obj, path)
+        return _unwrap_state_dict(load_plain_tensors(path), path)
     raise ModelFileError(
         f"{path.name}: unsupported weight file type '{suffix or '(none)'}'. "
         f"Use one of {', '.join(WEIGHT_SUFFIXES)} (.safetensors preferred)."
     )
+
+
+def load_plain_tensors(path: str | os.PathLike):
+    """torch.load with weights_only=True (memory-mapped when the format allows): tensors only, never code.
+
+    A file that holds other Python objects is refused with our own message; torch's (which suggests turning
+    the safety off) is never passed on.
+    """
+    import pickle
+    import warnings
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol notes are not the user's business
+            try:
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc).lower() and "zip" not in str(exc).lower():
+                    raise
+                return torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as exc:
+        raise ModelFileError(
+            f"{path.name} holds Python objects besides tensors, so it was not opened (loading it could run code "
+            "from the file). Use the .safetensors version of this model, or convert the file to .safetensors."
+        ) from exc
+    except Exception as exc:
+        raise ModelFileError(
+            f"{path.name} could not be opened as plain weights ({type(exc).__name__}). Only tensors are read from "
+            ".bin/.pt/.ckpt files; re-download it, or use the .safetensors version."
+        ) from exc
 
 
 def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:

@@ -61,50 +61,85 @@ def verify(key: str, path: str | Path) -> Verdict:
     spec = EXPECTED[key]
     try:
         problem = _size_matches_manifest(key, path)
-        if problem:
+    except OSError:
+        problem = None
+    try:
+        verdict = _verify_content(key, path, spec)
+        if verdict.ok and problem:  # right kind and size class, wrong bytes: a partial or other download
             return Verdict(key, path, False, problem)
-        if key == "prior":
-            from .prior import sniff_prior
-
-            info = sniff_prior(path)
-            if (info.width, info.layers, info.embedding_dim) != (spec["width"], spec["layers"], spec["embedding_dim"]) \
-                    or info.parameters < spec["min_parameters"]:
-                return Verdict(key, path, False, (
-                    f"{path} is a λ-ECLIPSE-style prior but not the published one ({info.layers} blocks, width "
-                    f"{info.width}, {info.embedding_dim}-d, {info.parameters:,} parameters; published: 10 blocks, width 512, "
-                    "1280-d, 34.8M): a tiny test model or another training run. Use the published prior."))
-            return Verdict(key, path, True, f"{spec['what']}: {info.parameters:,} parameters")
-        if key in ("clip_text", "clip_vision"):
-            from .clip_formats import sniff_clip
-
-            info = sniff_clip(path)
-            tower = key.split("_")[1]
-            if tower not in info.towers:
-                return Verdict(key, path, False, f"{path} holds no {spec['what']} ({info.description}).")
-            width = info.text_width if tower == "text" else info.vision_width
-            if width != spec["width"]:
-                return Verdict(key, path, False, (
-                    f"{path} is a CLIP {tower} tower of width {width}, not bigG's {spec['width']}: a tiny test model "
-                    "or another CLIP. λ-ECLIPSE needs OpenCLIP ViT-bigG/14."))
-            return Verdict(key, path, True, f"{spec['what']}: {info.description}")
-        if path.is_file():
-            from .decoder_files import sniff_decoder_file
-
-            part = sniff_decoder_file(path)
-            if part != key.split("_")[1]:
-                return Verdict(key, path, False, f"{path} is the decoder's {part}, not its {key.split('_')[1]}: swap the two files.")
-            parameters = _header_parameters(path)
-        else:
-            sub = path / key.split("_")[1]
-            if not sub.is_dir():
-                return Verdict(key, path, False, f"{path} has no {sub.name}/ folder: it is not a Kandinsky 2.2 decoder folder.")
-            parameters = _header_parameters(sub)
-        if parameters < spec["min_parameters"]:
-            return Verdict(key, path, False, (
-                f"{path} has {parameters:,} parameters, far fewer than the published {spec['what']}: a tiny test model. "
-                "Use the published weights."))
-        return Verdict(key, path, True, f"{spec['what']}: {parameters:,} parameters")
+        return verdict  # a tiny or other model says so, whatever its size
     except ModelFileError as exc:
-        return Verdict(key, path, False, str(exc))
+        return Verdict(key, path, False, problem or str(exc))  # unreadable: the byte count says more when known
     except OSError as exc:
         return Verdict(key, path, False, f"{path} could not be read ({exc}).")
+
+
+def _verify_content(key: str, path: Path, spec: dict) -> Verdict:
+    if key == "prior":
+        from .prior import sniff_prior
+
+        info = sniff_prior(path)
+        if (info.width, info.layers, info.embedding_dim) != (spec["width"], spec["layers"], spec["embedding_dim"]) \
+                or info.parameters < spec["min_parameters"]:
+            return Verdict(key, path, False, (
+                f"{path} is a λ-ECLIPSE-style prior but not the published one ({info.layers} blocks, width "
+                f"{info.width}, {info.embedding_dim}-d, {info.parameters:,} parameters; published: 10 blocks, width 512, "
+                "1280-d, 34.8M): a tiny test model or another training run. Use the published prior."))
+        return Verdict(key, path, True, f"{spec['what']}: {info.parameters:,} parameters")
+    if key in ("clip_text", "clip_vision"):
+        from .clip_formats import sniff_clip
+
+        info = sniff_clip(path)
+        tower = key.split("_")[1]
+        if tower not in info.towers:
+            return Verdict(key, path, False, f"{path} holds no {spec['what']} ({info.description}).")
+        width = info.text_width if tower == "text" else info.vision_width
+        if width != spec["width"]:
+            return Verdict(key, path, False, (
+                f"{path} is a CLIP {tower} tower of width {width}, not the published bigG's {spec['width']}: a tiny "
+                "test model or another CLIP. λ-ECLIPSE needs OpenCLIP ViT-bigG/14."))
+        return Verdict(key, path, True, f"{spec['what']}: {info.description}")
+    if path.is_file():
+        from .decoder_files import sniff_decoder_file
+
+        part = sniff_decoder_file(path)
+        if part != key.split("_")[1]:
+            return Verdict(key, path, False, f"{path} is the decoder's {part}, not its {key.split('_')[1]}: swap the two files.")
+        parameters = _header_parameters(path)
+    else:
+        sub = path / key.split("_")[1]
+        if not sub.is_dir():
+            return Verdict(key, path, False, f"{path} has no {sub.name}/ folder: it is not a Kandinsky 2.2 decoder folder.")
+        parameters = _header_parameters(sub)
+    if parameters < spec["min_parameters"]:
+        return Verdict(key, path, False, (
+            f"{path} has {parameters:,} parameters, far fewer than the published {spec['what']}: a tiny test model. "
+            "Use the published weights."))
+    return Verdict(key, path, True, f"{spec['what']}: {parameters:,} parameters")
+
+
+def check_loadable(paths) -> None:
+    """Read every chosen file's header before anything is loaded, so that a wrong or broken file is named at
+    once rather than after minutes of loading the others. Raises the sniffer's ModelFileError."""
+    from .clip_formats import sniff_clip
+    from .decoder_files import sniff_decoder_file
+    from .prior import sniff_prior
+
+    paths = dict(getattr(paths, "paths", paths))
+    prior = paths.get("prior")
+    if prior is not None and (Path(prior).is_dir() or Path(prior).suffix.lower() == ".safetensors"):
+        sniff_prior(prior)
+    for key, tower in (("clip_text", "text"), ("clip_vision", "vision"), ("clip", None)):
+        path = paths.get(key)
+        if path is None:
+            continue
+        info = sniff_clip(path)
+        if tower is not None and tower not in info.towers:
+            raise ModelFileError(f"{path} holds no bigG {tower} tower ({info.description}).")
+    for key, part in (("decoder_unet", "unet"), ("decoder_movq", "movq")):
+        path = paths.get(key)
+        if path is None or Path(path).is_dir():
+            continue
+        found = sniff_decoder_file(path)
+        if found != part:
+            raise ModelFileError(f"{path} is the decoder's {found}, not its {part}: swap the two files.")
