@@ -259,30 +259,163 @@ class ModelHolder(torch.nn.Module):
             self.add_module(name, part)
 
 
+# Kinds whose layers are swapped for comfy.ops classes so ComfyUI can offload them (lowvram, DynamicVRAM). The
+# 34M-parameter prior (~140 MB fp32) stays plain and fully loaded: too small to be worth streaming.
+OFFLOADABLE_KINDS = ("clip", "decoder")
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str, *args) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
+
+
+def _offload_ops(dtype: torch.dtype, device: torch.device):
+    """The comfy.ops namespace ComfyUI would pick for weights of `dtype` computed in `dtype` on `device`, or None.
+
+    Only `disable_weight_init` / `manual_cast` (plain subclasses of the torch layers) are used: fp8/cuBLAS ops
+    (picked with `--fast`) expect weights loaded through their own state-dict path, so they fall back to
+    `disable_weight_init`.
+    """
+    ops = _import("comfy.ops")
+    if ops is None or not hasattr(ops, "disable_weight_init"):
+        return None
+    plain = {getattr(ops, "disable_weight_init", None), getattr(ops, "manual_cast", None)}
+    picked = None
+    if hasattr(ops, "pick_operations"):
+        try:
+            picked = ops.pick_operations(dtype, dtype, load_device=device)
+        except Exception:  # signature or device query changed: use the default below
+            picked = None
+    return picked if picked in plain else ops.disable_weight_init
+
+
+def _first_param_owner(module: torch.nn.Module):
+    """The module owning `module`'s first parameter: diffusers' `.device` / `.dtype` read that parameter."""
+    for name, _ in module.named_parameters():
+        owner = module
+        for part in name.split(".")[:-1]:
+            owner = getattr(owner, part)
+        return owner
+    return None
+
+
+def _device_anchors(parts: dict[str, torch.nn.Module]) -> list[torch.nn.Module]:
+    """Layers the core reads its compute device from: kept plain so ComfyUI always loads them on the GPU."""
+    anchors = [_first_param_owner(part) for part in parts.values()]
+    for part in parts.values():  # open_clip: ClipEncoder.device reads ln_final (text) or visual.ln_post
+        anchors.append(getattr(part, "ln_final", None))
+        anchors.append(getattr(getattr(part, "visual", None), "ln_post", None))
+    return [a for a in anchors if isinstance(a, torch.nn.Module)]
+
+
+def _make_offloadable(kind: str, parts: dict[str, torch.nn.Module], load: torch.device):
+    """Swap the parts' layers for comfy.ops classes: the [(layer, old class)] swapped, or None (nothing changed)
+    when that is not possible."""
+    from . import offload
+
+    if kind not in OFFLOADABLE_KINDS or not parts:
+        return None
+    if _import("comfy.ops") is None:
+        _warn_once("no-ops", "λ-ECLIPSE: this ComfyUI has no comfy.ops; models load whole (no offloading).")
+        return None
+    swapped = []
+    try:
+        dtype = next(p for part in parts.values() for p in part.parameters()).dtype
+        ops = _offload_ops(dtype, load)
+        keep = _device_anchors(parts)
+        for part in parts.values():
+            swapped += offload.make_offloadable(part, ops, keep=keep)
+        return swapped
+    except Exception as e:  # never break a run: today's plain, fully loaded path
+        offload.restore(swapped)
+        _warn_once("swap-failed", "λ-ECLIPSE: could not make the %s offloadable (%s: %s); loading it whole.",
+                   kind, type(e).__name__, e)
+        return None
+
+
 def make_patcher(kind: str, **parts: torch.nn.Module):
-    """A ComfyUI ModelPatcher over `parts` (None outside ComfyUI, where nothing is managed)."""
+    """A ComfyUI patcher over `parts` (None outside ComfyUI, where nothing is managed).
+
+    CLIP and decoder: layers swapped for comfy.ops classes under `CoreModelPatcher` (the dynamic-VRAM patcher on
+    a ComfyUI that has it; `ModelPatcher` on one older than it), so they can be partially loaded or streamed. The
+    prior, a ComfyUI without comfy.ops, or any swap failure: the legacy `ModelPatcher`, loaded whole (as before).
+    The size is left to the patcher (`model_size()` sums the holder's state dict: all parameters and buffers).
+    """
     mm = model_management()
     patcher_module = _import("comfy.model_patcher")
     if mm is None or patcher_module is None:
         return None
-    holder = ModelHolder(**parts)
     load = mm.text_encoder_device() if kind == "clip" else mm.get_torch_device()
-    return patcher_module.ModelPatcher(holder, load_device=load, offload_device=offload_device("text" if kind == "clip" else "unet"))
+    offload_to = offload_device("text" if kind == "clip" else "unet")
+    # CoreModelPatcher: what ComfyUI's own loaders use (ModelPatcherDynamic under DynamicVRAM, 0.33+); before it
+    # existed, ModelPatcher, which partially loads comfy.ops layers under --lowvram / low free VRAM.
+    core = getattr(patcher_module, "CoreModelPatcher", None) or patcher_module.ModelPatcher
+    swapped = _make_offloadable(kind, parts, load)
+    holder = ModelHolder(**parts)
+    holder.lambda_eclipse_offloadable = offloadable = swapped is not None
+    if not offloadable:
+        return patcher_module.ModelPatcher(holder, load_device=load, offload_device=offload_to)
+    try:
+        patcher = core(holder, load_device=load, offload_device=offload_to)
+        log.info("λ-ECLIPSE: %s under %s with %d comfy.ops layers (offloadable).", kind, type(patcher).__name__,
+                 len(swapped))
+        return patcher
+    except Exception as e:
+        _warn_once("core-failed", "λ-ECLIPSE: CoreModelPatcher failed (%s: %s); loading the %s whole.",
+                   type(e).__name__, e, kind)
+        from . import offload
+
+        offload.restore(swapped)
+        holder.lambda_eclipse_offloadable = False
+        return patcher_module.ModelPatcher(holder, load_device=load, offload_device=offload_to)
+
+
+def is_offloadable(patcher) -> bool:
+    return bool(getattr(getattr(patcher, "model", None), "lambda_eclipse_offloadable", False))
+
+
+def _is_dynamic(patcher) -> bool:
+    is_dynamic = getattr(patcher, "is_dynamic", None)
+    return bool(is_dynamic()) if callable(is_dynamic) else False
 
 
 def load_models(patchers: Iterable) -> None:
-    """Ask ComfyUI to bring these models to the GPU, freeing others if needed (one shared VRAM budget)."""
+    """Ask ComfyUI to bring these models to the GPU, freeing others if needed (one shared VRAM budget).
+
+    Plain models (the prior, or a failed swap): full loads only, since a partial load would leave weights on the
+    CPU that nothing casts over. Offloadable models: one call without `force_full_load` (a dynamic patcher
+    asserts it), with `memory_required` = the bytes of their non-ops tensors (attention `in_proj` weights,
+    embeddings, norms, buffers), which stay whole on the GPU, so ComfyUI reserves room for them. The activation
+    memory is not included: the callers (`.ready()`) do not know the image size or batch; ComfyUI already keeps
+    its `minimum_inference_memory` free. After a legacy partial load those non-ops tensors are moved to the GPU
+    (ComfyUI leaves non-leaf parameters and non-fitting plain modules behind).
+    """
     patchers = [p for p in patchers if p is not None]
     mm = model_management()
-    if mm is not None and patchers:
-        # Full loads only: our modules are plain torch, not comfy.ops, so a partial (lowvram) load would leave
-        # weights on the CPU that nothing casts over.
-        import inspect
+    if mm is None or not patchers:
+        return
+    import inspect
 
-        if "force_full_load" in inspect.signature(mm.load_models_gpu).parameters:
-            mm.load_models_gpu(patchers, force_full_load=True)
+    has_full = "force_full_load" in inspect.signature(mm.load_models_gpu).parameters
+    plain = [p for p in patchers if not is_offloadable(p)]
+    offloadable = [p for p in patchers if is_offloadable(p)]
+    if plain:
+        if has_full:
+            mm.load_models_gpu(plain, force_full_load=True)
         else:  # a ComfyUI older than the argument
-            mm.load_models_gpu(patchers)
+            mm.load_models_gpu(plain)
+    if offloadable:
+        from . import offload
+
+        resident = sum(offload.resident_bytes(p.model) for p in offloadable)
+        mm.load_models_gpu(offloadable, memory_required=resident)
+        for p in offloadable:
+            if not _is_dynamic(p) and not mm.is_device_cpu(p.load_device):
+                moved = offload.move_resident(p.model, p.load_device)
+                if moved:
+                    log.debug("λ-ECLIPSE: moved %.1f MB of non-offloadable weights to %s", moved / 2**20, p.load_device)
 
 
 # -- progress and interrupt -------------------------------------------------------------------------------
