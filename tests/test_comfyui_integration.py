@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from test_workflows import WORKFLOWS, load, ui_to_api
+from test_workflows import SDXL_BASE, WORKFLOWS, is_sdxl, load, ui_to_api
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
@@ -149,8 +149,25 @@ def test_templates_are_listed(server):
     assert len(listed) == len(WORKFLOWS)
 
 
+def _validates_up_to_the_checkpoint(server, prompt: dict):
+    """No SDXL weights here (6.9 GB): ComfyUI validates the whole graph, and its only complaint is the absent checkpoint."""
+    try:
+        _request(server.url + "/prompt", {"prompt": prompt, "client_id": "lambda-eclipse-test"})
+        pytest.fail("the SDXL workflow was accepted without an SDXL checkpoint")
+    except urllib.error.HTTPError as exc:
+        body = json.loads(exc.read())
+    errors = {node_id: entry["errors"] for node_id, entry in body["node_errors"].items() if entry["errors"]}
+    (node_id, node_errors), = errors.items()
+    assert prompt[node_id]["class_type"] == "CheckpointLoaderSimple", body
+    assert [(e["type"], e["extra_info"]["input_name"]) for e in node_errors] == [("value_not_in_list", "ckpt_name")], body
+    assert SDXL_BASE["name"] in node_errors[0]["details"]
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_runs(server, path):
+    if is_sdxl(load(path)):
+        _validates_up_to_the_checkpoint(server, fast(ui_to_api(load(path))))
+        return
     entry = server.run(fast(ui_to_api(load(path))))
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[:3000] + server.tail()
     images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
@@ -240,3 +257,110 @@ def test_interrupt_stops_decoding(server):
             return
         time.sleep(0.2)
     pytest.fail("Cancel did not stop the decode within 30 s")
+
+
+# Runs in ComfyUI's own interpreter (the server's): our node's output through core unCLIPConditioning and SDXL's
+# pooled path (model_base.SDXL.encode_adm → sdxl_pooled → unclip_adm with the SDXL noise augmentor), side by side
+# with the same embedding in ComfyUI's own clip_vision.Output, as CLIP Vision Encode makes it.
+SDXL_CHECK = r"""
+import json, os, sys
+comfy_path, work = sys.argv[1], sys.argv[2]
+sys.path.insert(0, comfy_path)
+from comfy.cli_args import args
+args.cpu = True
+import folder_paths
+# Our pack registers models/lambda_eclipse and copies its example images when it sees ComfyUI: keep them out of the checkout.
+folder_paths.models_dir = os.path.join(work, "models")
+folder_paths.set_input_directory(os.path.join(work, "input"))
+folder_paths.set_output_directory(os.path.join(work, "output"))
+sys.path.insert(0, os.path.join(work, "packages"))  # packages/lambda_eclipse -> the repository
+import torch
+import nodes
+import comfy.clip_vision, comfy.model_base, comfy.sampler_helpers, comfy.samplers, comfy.supported_models
+import comfy.model_management as mm
+from lambda_eclipse.core.pipeline import Embeds
+from lambda_eclipse.nodes.sdxl import LambdaEclipseEmbedsToCLIPVision
+
+report = {}
+cpu = torch.device("cpu")
+# The config a real SDXL base checkpoint is detected as (in_channels 4: not an inpaint model), minus the UNet itself.
+config = comfy.supported_models.SDXL(dict(comfy.supported_models.SDXL.unet_config, in_channels=4,
+                                          disable_unet_model_creation=True))
+model = config.get_model({})  # the real SDXL model_base (noise augmentor, embedder), without the 2.6B UNet
+assert type(model) is comfy.model_base.SDXL, type(model)
+
+g = torch.Generator().manual_seed(0)
+emb, neg = torch.randn(2, 1280, generator=g), torch.randn(2, 1280, generator=g)
+text = [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]
+
+
+def clip_vision_encode_like(rows):
+    out = comfy.clip_vision.Output()  # what CLIPVisionEncode returns, image_embeds only
+    out["image_embeds"] = rows.to(mm.intermediate_device())
+    return out
+
+
+def adm(clip_vision_output, strength, noise_augmentation, seed=42):
+    cond, = nodes.unCLIPConditioning().apply_adm(text, clip_vision_output, strength, noise_augmentation)
+    conds = comfy.sampler_helpers.convert_cond(cond)
+    noise = torch.zeros(1, 4, 128, 128)  # 1024 x 1024
+    torch.manual_seed(seed)  # several rows are merged with unseeded noise
+    conds = comfy.samplers.encode_model_conds(model.extra_conds, conds, noise, cpu, "positive",
+                                              latent_image=noise, denoise_mask=None, seed=seed)
+    direct = comfy.model_base.sdxl_pooled(dict(cond[0][1], device=cpu, seed=seed), model.noise_augmentor)
+    return conds[0]["model_conds"]["y"].cond, cond, direct
+
+
+ours, ip = LambdaEclipseEmbedsToCLIPVision().convert(Embeds(emb, neg, [0, 1]), index=1)
+report["output_class"] = [c.__module__ + "." + c.__name__ for c in type(ours).__mro__]
+report["is_comfy_output"] = isinstance(ours, comfy.clip_vision.Output)
+report["image_embeds_equal"] = torch.equal(ours["image_embeds"], emb[1:2]) and torch.equal(ours.image_embeds, emb[1:2])
+report["embeds_output"] = [type(ip).__name__, list(ip.shape), str(ip.dtype), torch.equal(ip, emb[1:2])]
+report["absent"] = [name for name in ("last_hidden_state", "penultimate_hidden_states", "mm_projected", "image_sizes")
+                    if not hasattr(ours, name)]
+
+y_ours, cond, direct = adm(ours, 0.9, 0.1)
+y_ref, _, _ = adm(clip_vision_encode_like(emb[1:2]), 0.9, 0.1)
+y_text = model.encode_adm(**dict(text[0][1], device=cpu, width=1024, height=1024, seed=42))
+report["unclip_entry"] = sorted(cond[0][1]["unclip_conditioning"][0])
+report["y_shape"] = list(y_ours.shape)
+report["equal_to_clip_vision_encode"] = torch.equal(y_ours, y_ref)
+report["pooled_is_sdxl_pooled"] = torch.equal(y_ours[:, :1280], direct)
+report["size_part_unchanged"] = torch.equal(y_ours[:, 1280:], y_text[:, 1280:])
+report["text_pooled_replaced"] = not torch.allclose(y_ours[:, :1280], text[0][1]["pooled_output"])
+plain, _, _ = adm(ours, 1.0, 0.0)
+report["strength1_noise0_rel_err"] = float((plain[:, :1280] - emb[1:2]).norm() / emb[1:2].norm())
+unclip = comfy.model_base.unclip_adm(cond[0][1]["unclip_conditioning"], cpu, model.noise_augmentor, seed=32)
+report["unclip_adm_shape"] = list(unclip.shape)
+
+both, _ = LambdaEclipseEmbedsToCLIPVision().convert(Embeds(emb, neg, [0, 1]))  # index -1: the whole batch
+report["batch_equal_to_clip_vision_encode"] = torch.equal(adm(both, 0.8, 0.05)[0], adm(clip_vision_encode_like(emb), 0.8, 0.05)[0])
+blank, _ = LambdaEclipseEmbedsToCLIPVision().convert(Embeds(emb, neg, [0, 1]), index=0, which="negative (blank)")
+report["negative_row"] = torch.equal(blank.image_embeds, neg[0:1])
+print("SDXL-BRIDGE " + json.dumps(report))
+"""
+
+
+def test_sdxl_bridge_matches_clip_vision_encode(tmp_path):
+    """Embeds to CLIP Vision → core unCLIPConditioning → SDXL's pooled conditioning equals CLIP Vision Encode's path."""
+    (tmp_path / "packages").mkdir()
+    (tmp_path / "packages" / "lambda_eclipse").symlink_to(REPO, target_is_directory=True)
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="2")
+    done = subprocess.run([python, "-c", SDXL_CHECK, str(Path(COMFYUI).resolve()), str(tmp_path)], cwd=COMFYUI,
+                          capture_output=True, text=True, timeout=START_TIMEOUT, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("SDXL-BRIDGE ")]
+    assert done.returncode == 0 and lines, f"rc {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    report = json.loads(lines[-1][len("SDXL-BRIDGE "):])
+    print("\n" + json.dumps(report, indent=1))
+    assert report["is_comfy_output"] and "comfy.clip_vision.Output" in report["output_class"]
+    assert report["image_embeds_equal"]
+    assert report["embeds_output"] == ["Tensor", [1, 1280], "torch.float32", True]
+    assert report["absent"] == ["last_hidden_state", "penultimate_hidden_states", "mm_projected", "image_sizes"]
+    assert report["unclip_entry"] == ["clip_vision_output", "noise_augmentation", "strength"]
+    assert report["y_shape"] == [1, 2816]  # SDXL's adm_in_channels: 1280 pooled + 6 × 256 size embeddings
+    assert report["equal_to_clip_vision_encode"] and report["batch_equal_to_clip_vision_encode"]
+    assert report["pooled_is_sdxl_pooled"] and report["size_part_unchanged"] and report["text_pooled_replaced"]
+    assert report["strength1_noise0_rel_err"] < 0.02  # the embedding itself, barely noised at level 0 (~0.6 %)
+    assert report["unclip_adm_shape"] == [1, 2560]
+    assert report["negative_row"]

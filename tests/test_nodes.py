@@ -32,7 +32,7 @@ CUSTOM_TYPES = {
     "LAMBDA_ECLIPSE_PRIOR", "LAMBDA_ECLIPSE_CLIP", "LAMBDA_ECLIPSE_DECODER", "LAMBDA_ECLIPSE_SUBJECTS",
     "LAMBDA_ECLIPSE_PROMPT", "LAMBDA_ECLIPSE_CONTROL", "LAMBDA_ECLIPSE_EMBEDS",
 }
-CORE_TYPES = {"IMAGE", "MASK", "STRING", "INT", "FLOAT", "BOOLEAN"}
+CORE_TYPES = {"IMAGE", "MASK", "STRING", "INT", "FLOAT", "BOOLEAN", "CLIP_VISION_OUTPUT", "EMBEDS"}
 
 
 def node(name):
@@ -80,7 +80,7 @@ def encode(clip, word, image=None, **kw):
 
 def test_root_package_exports_the_mappings():
     assert ROOT_MAPPINGS is NODE_CLASS_MAPPINGS
-    assert len(NODE_CLASS_MAPPINGS) == 11
+    assert len(NODE_CLASS_MAPPINGS) == 12
     assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
     assert all(k.startswith("LambdaEclipse") for k in NODE_CLASS_MAPPINGS)
 

@@ -24,7 +24,49 @@ CORE_NODES = {
     "SaveImage": {"sockets": [("images", "IMAGE", True)], "widgets": [("filename_prefix", "STRING", {})],
                   "outputs": [], "output_names": []},
     "Note": {"sockets": [], "widgets": [("text", "STRING", {})], "outputs": [], "output_names": []},
+    # Workflow 6 (SDXL): exactly as ComfyUI 0.3.64 nodes.py declares them (combo lists from comfy.samplers 0.3.64;
+    # choices None = a model-file list, checked against properties.models instead).
+    "CheckpointLoaderSimple": {"sockets": [], "widgets": [("ckpt_name", "COMBO", {"choices": None})],
+                               "outputs": ["MODEL", "CLIP", "VAE"], "output_names": ["MODEL", "CLIP", "VAE"]},
+    "CLIPTextEncode": {"sockets": [("clip", "CLIP", True)],
+                       "widgets": [("text", "STRING", {"multiline": True, "dynamicPrompts": True})],
+                       "outputs": ["CONDITIONING"], "output_names": ["CONDITIONING"]},
+    "unCLIPConditioning": {"sockets": [("conditioning", "CONDITIONING", True), ("clip_vision_output", "CLIP_VISION_OUTPUT", True)],
+                           "widgets": [("strength", "FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
+                                       ("noise_augmentation", "FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01})],
+                           "outputs": ["CONDITIONING"], "output_names": ["CONDITIONING"]},
+    "EmptyLatentImage": {"sockets": [], "widgets": [("width", "INT", {"default": 512, "min": 16, "max": 16384, "step": 8}),
+                                                    ("height", "INT", {"default": 512, "min": 16, "max": 16384, "step": 8}),
+                                                    ("batch_size", "INT", {"default": 1, "min": 1, "max": 4096})],
+                         "outputs": ["LATENT"], "output_names": ["LATENT"]},
+    "KSampler": {"sockets": [("model", "MODEL", True), ("positive", "CONDITIONING", True), ("negative", "CONDITIONING", True),
+                             ("latent_image", "LATENT", True)],
+                 "widgets": [("seed", "INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
+                             ("seed:control", "CONTROL", {}),
+                             ("steps", "INT", {"default": 20, "min": 1, "max": 10000}),
+                             ("cfg", "FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                             ("sampler_name", "COMBO", {"choices": [
+                                 "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
+                                 "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
+                                 "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp",
+                                 "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde",
+                                 "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep",
+                                 "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
+                                 "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver",
+                                 "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2"]}),
+                             ("scheduler", "COMBO", {"choices": [
+                                 "simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                                 "linear_quadratic", "kl_optimal"]}),
+                             ("denoise", "FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01})],
+                 "outputs": ["LATENT"], "output_names": ["LATENT"]},
+    "VAEDecode": {"sockets": [("samples", "LATENT", True), ("vae", "VAE", True)], "widgets": [],
+                  "outputs": ["IMAGE"], "output_names": ["IMAGE"]},
 }
+# Core loaders of model files that are not ours: the file each workflow names and where the frontends send users.
+SDXL_BASE = {"name": "sd_xl_base_1.0.safetensors",
+             "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+             "directory": "checkpoints"}
+CORE_LOADERS = {"CheckpointLoaderSimple": {"ckpt_name": SDXL_BASE}}
 # Each loader's model combos → the manifest entry (file, folder, link) its default value names.
 LOADERS = {
     "LambdaEclipseLoadPrior": {"prior_name": "prior"},
@@ -79,8 +121,13 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def test_the_five_workflows_ship_in_one_folder():
-    assert len(WORKFLOWS) == 5
+def is_sdxl(workflow: dict) -> bool:
+    """Workflow 6: λ-ECLIPSE embeddings decoded by an SDXL checkpoint, so no Kandinsky decoder."""
+    return any(n["type"] == "CheckpointLoaderSimple" for n in workflow["nodes"])
+
+
+def test_the_six_workflows_ship_in_one_folder():
+    assert len(WORKFLOWS) == 6
     assert not (REPO / "example_workflows").exists(), "ship workflows/ only (ComfyUI 404s one of two folders)"
     for path in WORKFLOWS:
         assert path.with_suffix(".jpg").is_file(), f"{path.name} has no thumbnail"
@@ -128,6 +175,8 @@ def test_node_types_and_widgets(workflow):
                 assert value == "image", where
             elif wtype == "COMBO" and kind in LOADERS and name in LOADERS[kind]:
                 assert value == FILES[LOADERS[kind][name]].name, f"{where}: use the manifest's default file name"
+            elif wtype == "COMBO" and kind in CORE_LOADERS:
+                assert value == CORE_LOADERS[kind][name]["name"], where
             elif wtype == "COMBO" and kind != "LoadImage":
                 assert value in options["choices"], where
 
@@ -200,7 +249,13 @@ def test_loaders_carry_download_info(workflow):
             assert re.fullmatch(r"https://huggingface\.co/[\w.-]+/[\w.-]+/resolve/[\w.-]+/[\w./-]+\.safetensors", model["url"])
             # The combo's options never hold an absent file: the newest frontend flags a value not among them.
             assert model["name"] not in dict((n, o) for n, _k, o in decl["widgets"])[combo]["choices"]
-    assert seen == set(LOADERS)
+    # The SDXL workflow decodes with SDXL: it has no Kandinsky decoder, and its checkpoint carries its own entry.
+    assert seen == set(LOADERS) - ({"LambdaEclipseLoadDecoder"} if is_sdxl(workflow) else set())
+    for node in workflow["nodes"]:
+        if node["type"] in CORE_LOADERS:
+            (combo, entry), = CORE_LOADERS[node["type"]].items()
+            assert node["widgets_values"] == [entry["name"]]
+            assert node["properties"]["models"] == [entry]
     top = {m["name"]: m for m in workflow["models"]}
     for node in workflow["nodes"]:
         for model in node["properties"].get("models", []):
@@ -268,7 +323,7 @@ def test_expected_content():
         name: [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "LambdaEclipseInterleavePrompt"]
         for name, wf in by_name.items()
     }
-    one, two, three, canny, grid = sorted(by_name)
+    one, two, three, canny, grid, sdxl = sorted(by_name)
     assert prompts[one] == ["a cat on top of the snow mountain"]
     assert prompts[two] == ["a cat wearing glasses at a park"]
     assert prompts[three] == ["a dog wearing a hat and sunglasses on a beach"]
@@ -281,11 +336,49 @@ def test_expected_content():
     tiles = [n for n in nodes if n["type"] == "LambdaEclipseImageGrid"]
     links = {link[0]: link for link in by_name[grid]["links"]}
     assert tiles and any(links[s["link"]][1] == tiles[0]["id"] for n in nodes if n["type"] == "SaveImage" for s in n["inputs"])
-    notes = [n["widgets_values"][0] for wf in by_name.values() for n in wf["nodes"] if n["type"] == "Note"]
+    notes = [n["widgets_values"][0] for name, wf in by_name.items() if name != sdxl for n in wf["nodes"] if n["type"] == "Note"]
     for text in notes:
         assert text.count("To change:") == 1, text
         for entry in FILES.values():
             assert f"models/{entry.folder}/{entry.name}" in text
+    # SDXL: the files it needs (no decoder), the checkpoint, and what to try.
+    text, = [n["widgets_values"][0] for n in by_name[sdxl]["nodes"] if n["type"] == "Note"]
+    assert text.count("To change:") == 1, text
+    for key, entry in FILES.items():
+        assert (f"models/{entry.folder}/{entry.name}" in text) == (key in ("prior", "clip_text", "clip_vision")), key
+    assert f"models/checkpoints/{SDXL_BASE['name']}" in text
+    assert "strength" in text and "noise_augmentation" in text and "not measured" in text
+
+
+def test_sdxl_workflow_feeds_the_embedding_to_unclip():
+    """Prior Sample → Embeds to CLIP Vision → unCLIPConditioning on the SDXL positive prompt → KSampler (core only after)."""
+    path, = [p for p in WORKFLOWS if is_sdxl(load(p))]
+    workflow = load(path)
+    assert path.stem == "6 - SDXL with subjects (unCLIP ReVision)"
+    api = ui_to_api(workflow)
+    assert {n["class_type"] for n in api.values()} - set(NODE_CLASS_MAPPINGS) == {
+        "LoadImage", "CheckpointLoaderSimple", "CLIPTextEncode", "unCLIPConditioning", "EmptyLatentImage", "KSampler",
+        "VAEDecode", "SaveImage"}
+    assert "LambdaEclipseLoadDecoder" not in {n["class_type"] for n in api.values()}
+    (sampler_id, sampler), = [(k, n) for k, n in api.items() if n["class_type"] == "KSampler"]
+    unclip = api[sampler["inputs"]["positive"][0]]
+    assert unclip["class_type"] == "unCLIPConditioning"
+    assert 0.8 <= unclip["inputs"]["strength"] <= 1.0 and 0 <= unclip["inputs"]["noise_augmentation"] <= 0.2
+    bridge = api[unclip["inputs"]["clip_vision_output"][0]]
+    assert bridge["class_type"] == "LambdaEclipseEmbedsToCLIPVision" and unclip["inputs"]["clip_vision_output"][1] == 0
+    assert api[bridge["inputs"]["embeds"][0]]["class_type"] == "LambdaEclipsePriorSample"
+    assert bridge["inputs"]["index"] == -1 and bridge["inputs"]["which"] == "positive"
+    text = api[unclip["inputs"]["conditioning"][0]]
+    assert text["class_type"] == "CLIPTextEncode"
+    ckpt = api[text["inputs"]["clip"][0]]
+    assert ckpt["class_type"] == "CheckpointLoaderSimple" and ckpt["inputs"]["ckpt_name"] == SDXL_BASE["name"]
+    assert api[sampler["inputs"]["model"][0]] is ckpt and api[sampler["inputs"]["negative"][0]]["class_type"] == "CLIPTextEncode"
+    latent = api[sampler["inputs"]["latent_image"][0]]
+    assert latent["class_type"] == "EmptyLatentImage" and (latent["inputs"]["width"], latent["inputs"]["height"]) == (1024, 1024)
+    decode, = [n for n in api.values() if n["class_type"] == "VAEDecode"]
+    assert decode["inputs"]["samples"] == [sampler_id, 0] and api[decode["inputs"]["vae"][0]] is ckpt
+    save, = [n for n in api.values() if n["class_type"] == "SaveImage"]
+    assert api[save["inputs"]["images"][0]] is decode
 
 
 def test_workflows_match_their_builder(tmp_path):

@@ -22,6 +22,16 @@ CORE_NODES = {
     "PreviewImage": ([("images", "IMAGE")], [], []),
     "SaveImage": ([("images", "IMAGE")], ["filename_prefix"], []),
     "Note": ([], ["text"], []),
+    # SDXL (workflow 6), as ComfyUI 0.3.64 nodes.py declares them.
+    "CheckpointLoaderSimple": ([], ["ckpt_name"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "CLIPTextEncode": ([("clip", "CLIP")], ["text"], [("CONDITIONING", "CONDITIONING")]),
+    "unCLIPConditioning": ([("conditioning", "CONDITIONING"), ("clip_vision_output", "CLIP_VISION_OUTPUT")],
+                           ["strength", "noise_augmentation"], [("CONDITIONING", "CONDITIONING")]),
+    "EmptyLatentImage": ([], ["width", "height", "batch_size"], [("LATENT", "LATENT")]),
+    "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
+                 ["seed", "seed:control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+                 [("LATENT", "LATENT")]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [], [("IMAGE", "IMAGE")]),
 }
 FILES = manifest()
 # Each loader's model combos and the manifest entry each one names. The frontends' missing-models check
@@ -36,11 +46,26 @@ MODELS = {
     node: [{"name": FILES[key].name, "url": FILES[key].url, "directory": FILES[key].folder} for key in combos.values()]
     for node, combos in LOADER_FILES.items()
 }
+# Workflow 6's SDXL base checkpoint: not ours, so not in the manifest (nor fetched by `download`).
+SDXL_BASE = {"name": "sd_xl_base_1.0.safetensors",
+             "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+             "directory": "checkpoints"}
+MODELS["CheckpointLoaderSimple"] = [SDXL_BASE]
 NOTE_MODELS = (
     "Models: five files, each in its ComfyUI folder (a browser's Download button saves to your Downloads folder: "
     "move the file there), or run once: python -m lambda_eclipse download --models ComfyUI/models\n"
-    + "".join(f"• models/{e.folder}/{e.name} ({e.size_text()})\n" for e in FILES.values())
+    + "".join(f"• models/{e.folder}/{e.name}" + (f" ({e.size_text()})" if e.size else "") + "\n" for e in FILES.values())
     + "SDXL users already have both CLIP towers (clip_g or the SDXL checkpoint, clip_vision_g): pick them in Load CLIP."
+)
+NOTE_MODELS_SDXL = (
+    "Models: four files, each in its ComfyUI folder (a browser's Download button saves to your Downloads folder: "
+    "move the file there), or run once: python -m lambda_eclipse download --only prior,clip --models ComfyUI/models "
+    "(the checkpoint is not fetched by it)\n"
+    + "".join(f"• models/{e.folder}/{e.name}" + (f" ({e.size_text()})" if e.size else "") + "\n"
+              for k, e in FILES.items() if k in ("prior", "clip_text", "clip_vision"))
+    + f"• models/checkpoints/{SDXL_BASE['name']} (6.94 GB, SDXL base 1.0)\n"
+    "No Kandinsky decoder here. Load CLIP's clip_name may also be the SDXL checkpoint itself: its bigG text tower is read "
+    "from it, so clip_g_sdxl.fp16 can be skipped."
 )
 # The view a template opens with must show every node in a 1600×1000 window (the canvas is a little smaller).
 VIEW = (1600, 1000)
@@ -75,6 +100,7 @@ def node_height(sockets: int, outputs: int, widgets: int) -> int:
 class Graph:
     def __init__(self):
         self.nodes, self.links = [], []
+        self.view_margins = {}  # fit_view margins other than the defaults
 
     def add(self, node_type, pos, widgets=None, title=None, size=None):
         sockets, widget_names, outputs, defaults = declaration(node_type)
@@ -134,7 +160,7 @@ class Graph:
             "id": "00000000-0000-4000-8000-00000000e11a", "revision": 0,
             "last_node_id": len(self.nodes), "last_link_id": len(self.links),
             "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
-            "extra": {"ds": self.fit_view()}, "models": self.models(), "version": 0.4,
+            "extra": {"ds": self.fit_view(**self.view_margins)}, "models": self.models(), "version": 0.4,
         }
 
     def models(self):
@@ -145,7 +171,7 @@ class Graph:
                 seen.setdefault(model["name"], model)
         return list(seen.values())
 
-    def fit_view(self, left=90, top=80, right=30, bottom=60):
+    def fit_view(self, left=90, top=80, right=70, bottom=80):
         """Scale and offset so the whole graph is on screen (LiteGraph draws at (pos + offset) · scale); the
         margins keep it clear of the frontends' side bar and tool bars."""
         x0 = min(n["pos"][0] for n in self.nodes)
@@ -157,12 +183,15 @@ class Graph:
         return {"scale": scale, "offset": [round(left / scale - x0, 1), round(top / scale - y0, 1)]}
 
 
-def loaders(g: Graph, x=0, y=0):
+def loaders(g: Graph, x=0, y=0, decoder=True):
+    """Load Prior, Load CLIP and (unless decoder=False: SDXL decodes instead) Load Kandinsky Decoder; None for absent."""
     def files(node):
         return {combo: FILES[key].name for combo, key in LOADER_FILES[node].items()}
 
     prior = g.add("LambdaEclipseLoadPrior", (x, y), dict(files("LambdaEclipseLoadPrior"), dtype="auto"), size=[340, 110])
     clip = g.add("LambdaEclipseLoadCLIP", (x, y + 150), dict(files("LambdaEclipseLoadCLIP"), dtype="auto"), size=[340, 130])
+    if not decoder:
+        return prior, clip, None
     decoder = g.add("LambdaEclipseLoadDecoder", (x, y + 320), dict(files("LambdaEclipseLoadDecoder"), dtype="auto"),
                     size=[340, 130])
     return prior, clip, decoder
@@ -198,8 +227,8 @@ def finish(g, prior, clip, decoder, prompt_node, pos, prefix, control=None, seed
     return sample, dec
 
 
-def note(g, text, loaders_bottom, height=430):
-    return g.add("Note", (0, loaders_bottom), {"text": text + "\n\n" + NOTE_MODELS}, size=[340, height])
+def note(g, text, loaders_bottom, height=430, models=NOTE_MODELS):
+    return g.add("Note", (0, loaders_bottom), {"text": text + "\n\n" + models}, size=[340, height])
 
 
 def subjects_workflow(name, text, items, note_text):
@@ -295,6 +324,66 @@ def grid_workflow():
     return g
 
 
+def sdxl_workflow(name):
+    """λ-ECLIPSE embedding → core unCLIPConditioning (ReVision) on SDXL base: our nodes up to the bridge, core after."""
+    text = "a cat on top of the snow mountain"
+    g = Graph()
+    # The canvas starts right of the frontends' side bar (~65 px) and below their top bars (~80 px): keep the
+    # right-hand Save Image and the bottom of the Note inside the window.
+    g.view_margins = {"right": 100, "bottom": 120}
+    prior, clip, _ = loaders(g, decoder=False)
+    ckpt = g.add("CheckpointLoaderSimple", (0, 320), {"ckpt_name": SDXL_BASE["name"]}, size=[340, None])
+    note(g, "λ-ECLIPSE subjects in SDXL (unCLIP / ReVision). The prior turns the cat photo and the prompt into one "
+         "OpenCLIP bigG image embedding: the space CLIP Vision Encode makes with clip_vision_g. Embeds to CLIP Vision "
+         "hands it to core unCLIPConditioning, which puts it in place of SDXL's pooled text embedding (ReVision); the "
+         "text still steers SDXL through cross-attention. Expect the subject's look and the scene's gist rather than "
+         "an exact copy: SDXL never saw λ-ECLIPSE embeddings, and we have not measured the quality.\n\n"
+         "To change: strength in unCLIPConditioning (start at 0.8–1.0; lower lets the text lead), noise_augmentation "
+         "(0–0.2; higher is looser and more varied), the photo, its word and both prompts (keep the SDXL prompt close "
+         "to the λ-ECLIPSE one). With batch_size > 1 in Prior Sample, pick one embedding with index in Embeds to CLIP "
+         "Vision: unCLIPConditioning adds up every row it gets.",
+         g.bottom(ckpt), height=480, models=NOTE_MODELS_SDXL)
+    photo = image(g, "cat.jpg", (400, 0), size=(320, 330))
+    subj = subject(g, clip, photo, "cat", (400, g.bottom(photo)), width=320)
+    prompt = g.add("LambdaEclipseInterleavePrompt", (400, g.bottom(subj)), {"text": text}, size=[320, 170])
+    g.link(clip, "clip", prompt, "clip")
+    g.link(subj, "subjects", prompt, "subjects")
+
+    x = 770
+    sample = g.add("LambdaEclipsePriorSample", (x, 0), {"seed": 42, "batch_size": 1}, size=[320, None])
+    g.link(prior, "prior", sample, "prior")
+    g.link(clip, "clip", sample, "clip")
+    g.link(prompt, "prompt", sample, "prompt")
+    bridge = g.add("LambdaEclipseEmbedsToCLIPVision", (x, g.bottom(sample)), {}, size=[320, None])
+    g.link(sample, "embeds", bridge, "embeds")
+    positive = g.add("CLIPTextEncode", (x, g.bottom(bridge)), {"text": text}, title="Positive (SDXL)", size=[320, 150])
+    negative = g.add("CLIPTextEncode", (x, g.bottom(positive)), {"text": "blurry, low quality, watermark, text"},
+                     title="Negative (SDXL)", size=[320, 130])
+    for node in (positive, negative):
+        g.link(ckpt, "CLIP", node, "clip")
+
+    x += 370
+    unclip = g.add("unCLIPConditioning", (x, 0), {"strength": 0.9, "noise_augmentation": 0.1}, size=[320, None])
+    g.link(positive, "CONDITIONING", unclip, "conditioning")
+    g.link(bridge, "clip_vision_output", unclip, "clip_vision_output")
+    latent = g.add("EmptyLatentImage", (x, g.bottom(unclip)), {"width": 1024, "height": 1024, "batch_size": 1}, size=[320, None])
+    sampler = g.add("KSampler", (x, g.bottom(latent)), {
+        "seed": 42, "steps": 30, "cfg": 6.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0},
+        size=[320, None])
+    g.link(ckpt, "MODEL", sampler, "model")
+    g.link(unclip, "CONDITIONING", sampler, "positive")
+    g.link(negative, "CONDITIONING", sampler, "negative")
+    g.link(latent, "LATENT", sampler, "latent_image")
+
+    x += 370
+    decode = g.add("VAEDecode", (x, 0), size=[300, None])
+    g.link(sampler, "LATENT", decode, "samples")
+    g.link(ckpt, "VAE", decode, "vae")
+    save = g.add("SaveImage", (x, g.bottom(decode)), {"filename_prefix": f"lambda_eclipse/{name}"}, size=[420, 470])
+    g.link(decode, "IMAGE", save, "images")
+    return g
+
+
 # Template cards are titled with the file name and cannot be ordered: the names say what each one makes.
 NAMES = {
     "one_subject": "1 - One subject (a cat on a mountain)",
@@ -302,6 +391,7 @@ NAMES = {
     "three_subjects": "3 - Three subjects (dog, hat, sunglasses)",
     "canny": "4 - Canny layout (a dog surfing)",
     "grid": "5 - Interpolation grid (two dogs x two hats)",
+    "sdxl": "6 - SDXL with subjects (unCLIP ReVision)",
 }
 
 
@@ -319,6 +409,7 @@ def build():
         "λ-ECLIPSE, three subjects: 'dog', 'hat' and 'sunglasses' (each one CLIP token of the prompt).\n\n" + EDIT)
     out[NAMES["canny"]] = canny_workflow()
     out[NAMES["grid"]] = grid_workflow()
+    out[NAMES["sdxl"]] = sdxl_workflow("sdxl_unclip")
     return out
 
 
