@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .seeds import generator as torch_generator
+from .seeds import seed_list
 from .errors import InputError, ModelFileError
 from .loading import resolve_dtype
 
@@ -168,16 +170,8 @@ def _check_embeds(embeds, expected_dim: int, name: str) -> torch.Tensor:
 
 
 def _seed_list(seeds: Sequence[int] | int, batch: int) -> list[int]:
-    if isinstance(seeds, bool):
-        raise InputError(f"seeds must be an int or a list of ints; got {seeds!r}.")
-    if isinstance(seeds, numbers.Integral):
-        return [(int(seeds) + i) % 2**64 for i in range(batch)]
-    seeds = list(seeds)
-    if len(seeds) != batch:
-        raise InputError(f"Got {len(seeds)} seeds for {batch} images; give one seed per image (or a single int).")
-    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds):
-        raise InputError(f"seeds must be whole numbers; got {seeds!r}.")
-    return [int(s) % 2**64 for s in seeds]
+    """The pack's one seed rule (core.seeds): image i uses seed + i, wrapping at 2^64."""
+    return seed_list(seeds, batch, what="seeds")
 
 
 def _check_strength(strength) -> float:
@@ -342,7 +336,7 @@ def decode(
     scheduler = decoder.new_scheduler(sampler)
     # CPU generators, one per image: randn_tensor draws image i from generator i (on the CPU, then moves it),
     # for the starting noise and for every DDPM/ancestral step noise alike.
-    generator = [torch.Generator().manual_seed(s) for s in seed_list]
+    generator = [torch_generator(s) for s in seed_list]
 
     with torch.inference_mode():
         embeds = image_embeds.to(device=device, dtype=dtype)
