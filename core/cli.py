@@ -139,6 +139,9 @@ def _add_model_args(p: argparse.ArgumentParser, download: bool = True):
         g.add_argument("--download", "--allow-download", dest="download", action="store_true",
                        help="first fetch the missing model files into --models from the Hugging Face hub (nothing is "
                        "ever downloaded without this flag)")
+    if download:  # the image commands (encode needs no decoder)
+        g.add_argument("--decoder-lora", action="append", metavar="PATH[:STRENGTH]", help="a concept LoRA of the "
+                       "decoder (from `trainer finetune-decoder`), at strength 1 unless given; repeatable")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 …")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="CLIP and decoder precision (auto: bf16/fp16 on GPU, fp32 on CPU)")
 
@@ -215,8 +218,30 @@ def _load(args):
 
     paths = _model_paths(args)
     check_loadable(paths)  # every file's header first: a wrong file is named before minutes of loading
+    loras = [_parse_lora(spec) for spec in getattr(args, "decoder_lora", None) or []]
     device = _device(args.device)
-    return load_models(paths, device=device, dtype=_dtype(args.dtype, device))
+    models = load_models(paths, device=device, dtype=_dtype(args.dtype, device))
+    if loras:
+        from .lora import apply_decoder_lora
+
+        for path, strength in loras:
+            models.decoder = apply_decoder_lora(models.decoder, path, strength)
+    return models
+
+
+def _parse_lora(spec: str) -> tuple[str, float]:
+    """PATH[:STRENGTH] → (path, strength); the file must exist (checked before any model loads)."""
+    path, strength = spec, 1.0
+    if not Path(spec).is_file() and ":" in spec:
+        path, _, text = spec.rpartition(":")
+        try:
+            strength = float(text)
+        except ValueError:
+            raise InputError(f"--decoder-lora {spec!r}: the strength after ':' must be a number, e.g. lora.safetensors:0.8.") from None
+    if not Path(path).is_file():
+        raise InputError(f"--decoder-lora {spec!r}: {path} does not exist. Give a LoRA made by "
+                         "`python -m lambda_eclipse.trainer finetune-decoder`.")
+    return path, strength
 
 
 def cmd_generate(args) -> int:

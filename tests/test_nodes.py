@@ -80,7 +80,7 @@ def encode(clip, word, image=None, **kw):
 
 def test_root_package_exports_the_mappings():
     assert ROOT_MAPPINGS is NODE_CLASS_MAPPINGS
-    assert len(NODE_CLASS_MAPPINGS) == 12
+    assert len(NODE_CLASS_MAPPINGS) == 13
     assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
     assert all(k.startswith("LambdaEclipse") for k in NODE_CLASS_MAPPINGS)
 

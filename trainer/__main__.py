@@ -1,4 +1,4 @@
-"""python -m lambda_eclipse.trainer extract|train|eval|export …  (see TRAINING.md).
+"""python -m lambda_eclipse.trainer extract|train|eval|export|finetune-decoder …  (see TRAINING.md).
 
 A user error (a missing file, a bad value, a refused resume) prints one line, ``error: <message>``,
 to stderr and exits with status 2, without a traceback. A traceback means a bug.
@@ -154,6 +154,31 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="output: a folder (config.json + diffusion_pytorch_model.safetensors) or, with --single-file, a .safetensors")
     x.add_argument("--single-file", type=_bool, default=False, help="one .safetensors with the config in its metadata")
     x.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights' dtype")
+    f = sub.add_parser("finetune-decoder", help="concept fine-tuning of the Kandinsky 2.2 decoder (paper §3.3, Eq. 2) as a LoRA", formatter_class=fmt)
+    f.add_argument("--config", help="YAML/JSON file of options (CLI flags override)")
+    f.add_argument("--decoder", help="Kandinsky 2.2 decoder diffusers folder (or --decoder-unet + --decoder-movq)")
+    f.add_argument("--decoder-unet", help="decoder UNet single .safetensors file")
+    f.add_argument("--decoder-movq", help="decoder MoVQ single .safetensors file")
+    f.add_argument("--clip-vision", help="bigG vision tower file (ComfyUI clip_vision_g.safetensors)")
+    f.add_argument("--clip", help="OpenCLIP bigG folder/file holding the vision tower (instead of --clip-vision)")
+    f.add_argument("--images", nargs="+", help="photos of the concept (3-5): files and/or folders; RGBA: the alpha cuts the subject out onto white")
+    f.add_argument("--out", help="run folder: concept_lora.safetensors, checkpoint/, metrics.csv")
+    f.add_argument("--steps", type=int, default=400, help="optimizer steps")
+    f.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    f.add_argument("--alpha", type=float, default=None, help="LoRA alpha (scale alpha/rank); default: = rank")
+    f.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 1e-4 (LoRA), 1e-5 with --full (App. D)")
+    f.add_argument("--batch-size", type=int, default=1, help="examples per step")
+    f.add_argument("--resolution", type=int, default=512, help="photos are centre-cropped to this square (multiple of 64)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the LoRA init, image order, timesteps, noise, unconditional draws")
+    f.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (and LoRA file updates)")
+    f.add_argument("--resume", type=_bool, nargs="?", const=True, default=False, help="continue the run in --out from its checkpoint")
+    f.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="autocast through accelerate")
+    f.add_argument("--gradient-checkpointing", type=_bool, nargs="?", const=True, default=False, help="recompute activations (less memory)")
+    f.add_argument("--full", type=_bool, nargs="?", const=True, default=False, help="fine-tune the whole UNet (App. D) instead of a LoRA; writes concept_unet.safetensors")
+    f.add_argument("--uncond-prob", type=float, default=0.1, help="fraction of examples whose z_x is the blank-image embedding (keeps classifier-free guidance calibrated)")
+    f.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    f.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    f.add_argument("--cpu", type=_bool, nargs="?", const=True, default=False, help="force CPU even if a GPU is present")
     for command in sub.choices.values():  # say each numeric option's allowed range in --help
         for action in command._actions:
             if isinstance(action.type, Rule) and action.help:
@@ -264,6 +289,11 @@ def _run(argv=None) -> int:
 
         _require(args, "checkpoint", "out")
         print(export(d["checkpoint"], d["out"], d["single_file"], d["dtype"]))
+    elif args.command == "finetune-decoder":
+        from .finetune_decoder import FinetuneConfig, run_finetune
+
+        _require(args, "out", "images")
+        print(json.dumps(run_finetune(FinetuneConfig(**d)), indent=2))
     return 0
 
 

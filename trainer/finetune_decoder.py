@@ -1,0 +1,373 @@
+"""Concept fine-tuning of the Kandinsky 2.2 decoder (paper §3.3, App. D, Eq. 2), as a LoRA or in full.
+
+    L = E_{ε, t, z_x} ‖ε − h_φ(x_t, t, z_x)‖²
+
+z_x is the bigG image embedding of the concept photo itself (the UNet's ``added_cond_kwargs={"image_embeds": z_x}``),
+x_t the photo's MoVQ latent (``movq.encode(x).latents``, x in [−1, 1]) noised with diffusers' DDPMScheduler.add_noise
+built from the decoder's own scheduler config. The UNet outputs 8 channels (ε and the learned variance); the loss is
+on the ε half, the part the decoder's sampler uses. Latents and z_x are computed once, before the loop.
+
+In a fraction `--uncond-prob` (default 10 %) of the examples z_x is replaced by the blank-image embedding: at
+inference the decoder's unconditional branch of classifier-free guidance *is* the blank embedding, so training the
+LoRA only on z_x would let the conditional and unconditional predictions drift apart and over-amplify the concept at
+guidance 4; keeping some unconditional steps keeps the guidance calibrated. No prior preservation (App. D).
+
+Outputs in --out: ``concept_lora.safetensors`` (diffusers' PEFT key layout for a UNet, ``unet.<module>.lora_A/B.weight``,
+with metadata: base decoder, rank, alpha, steps, images) or with --full ``concept_unet.safetensors`` (a whole decoder
+UNet file for Load Decoder); ``checkpoint/state.pt`` (trainable weights, optimizer, RNG states, step; written
+atomically) from which --resume continues bit-identically on the same machine; ``metrics.csv``; ``finetune_config.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, DataError, ResumeError
+from .fsio import atomic_write, save_file_atomic, torch_save_atomic, write_json_atomic
+
+log = logging.getLogger("lambda_eclipse.trainer")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+LORA_FILE = "concept_lora.safetensors"
+FULL_FILE = "concept_unet.safetensors"
+CHECKPOINT = "checkpoint/state.pt"
+# Settings that must not change within one run (a resume with another value is refused).
+_FIXED = ("rank", "alpha", "lr", "batch_size", "resolution", "seed", "full", "uncond_prob", "weight_decay", "images")
+
+
+@dataclass
+class FinetuneConfig:
+    out: str
+    images: list = field(default_factory=list)
+    decoder: str | None = None
+    decoder_unet: str | None = None
+    decoder_movq: str | None = None
+    clip: str | None = None
+    clip_vision: str | None = None
+    steps: int = 400
+    rank: int = 4
+    alpha: float | None = None  # None: = rank (scale 1, what diffusers assumes for a file without alphas)
+    lr: float | None = None  # None: 1e-4 for the LoRA, 1e-5 for --full (App. D)
+    batch_size: int = 1
+    resolution: int = 512
+    seed: int = 0
+    save_every: int = 100
+    resume: bool = False
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    full: bool = False
+    uncond_prob: float = 0.1
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    cpu: bool = False
+
+    def check(self):
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(f"finetune-decoder: {msg}")
+
+        need(isinstance(self.steps, int) and self.steps >= 1, f"--steps must be ≥ 1; got {self.steps!r}")
+        need(isinstance(self.rank, int) and self.rank >= 1, f"--rank must be ≥ 1; got {self.rank!r}")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"--batch-size must be ≥ 1; got {self.batch_size!r}")
+        need(isinstance(self.save_every, int) and self.save_every >= 1, f"--save-every must be ≥ 1; got {self.save_every!r}")
+        need(isinstance(self.resolution, int) and self.resolution >= 64 and self.resolution % 64 == 0,
+             f"--resolution must be a multiple of 64 (the decoder works in 64-px blocks); got {self.resolution!r}")
+        need(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), f"--lr must be > 0; got {self.lr!r}")
+        need(self.alpha is None or (math.isfinite(self.alpha) and self.alpha > 0), f"--alpha must be > 0; got {self.alpha!r}")
+        need(0 <= self.uncond_prob < 1, f"--uncond-prob must be in [0, 1); got {self.uncond_prob!r}")
+        need(self.weight_decay >= 0 and self.max_grad_norm >= 0, "--weight-decay and --max-grad-norm must be ≥ 0")
+        need(self.mixed_precision in ("no", "fp16", "bf16"), f"--mixed-precision must be no, fp16 or bf16; got {self.mixed_precision!r}")
+        need(bool(self.images), "missing --images (3–5 photos of the concept: files and/or folders)")
+        need(self.decoder or (self.decoder_unet and self.decoder_movq),
+             "missing the decoder: --decoder FOLDER, or --decoder-unet FILE and --decoder-movq FILE")
+        need(not (self.decoder and (self.decoder_unet or self.decoder_movq)), "give --decoder or --decoder-unet/--decoder-movq, not both")
+        need(self.clip or self.clip_vision, "missing the CLIP: --clip-vision FILE (bigG vision tower) or --clip FOLDER/FILE")
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        if self.lr is None:
+            self.lr = 1e-5 if self.full else 1e-4
+        return self
+
+
+# -- data ----------------------------------------------------------------------------------------------------
+
+def collect_images(entries) -> list[Path]:
+    """Files and folders (their image files, sorted, not recursive) → image paths; DataError when none."""
+    out: list[Path] = []
+    for entry in entries:
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise DataError(f"--images {path}: the folder holds no image ({', '.join(IMAGE_SUFFIXES)}).")
+            out += found
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise DataError(f"--images {path}: no such file or folder.")
+    if not out:
+        raise DataError("--images: no image given (3–5 photos of the concept are typical).")
+    return list(dict.fromkeys(out))
+
+
+def photo_pixels(image, resolution: int) -> torch.Tensor:
+    """PIL image (RGBA: subject composited on white) → [3, R, R] float32 in [−1, 1]: short side to R, centre crop."""
+    import numpy as np
+    from PIL import Image
+
+    from ..core.images import subject_on_white
+
+    pil, _ = subject_on_white(image)
+    w, h = pil.size
+    s = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    if (nw, nh) != (w, h):
+        pil = pil.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    pil = pil.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(pil, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+@torch.no_grad()
+def encode_concept(paths, decoder, clip, resolution: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents [N,4,r,r], z_x [N,E], blank [E]) float32 on the CPU, computed once."""
+    from ..core.images import open_image
+
+    images = [open_image(p, what="concept photo") for p in paths]
+    pixels = torch.stack([photo_pixels(im, resolution) for im in images])
+    movq = decoder.movq
+    latents = torch.cat([movq.encode(pixels[i:i + 1].to(movq.device, movq.dtype)).latents.float().cpu()
+                         for i in range(len(images))])
+    embeds = torch.stack([clip.encode_subject(im).float().cpu() for im in images])
+    blank = clip.blank_embedding().float().cpu()
+    if embeds.shape[-1] != decoder.embedding_dim:
+        raise ConfigError(f"The CLIP gives {embeds.shape[-1]}-d image embeddings but the decoder expects "
+                          f"{decoder.embedding_dim}-d: use the bigG vision tower the decoder was trained with.")
+    return latents.contiguous(), embeds, blank
+
+
+# -- model ---------------------------------------------------------------------------------------------------
+
+def lora_targets(unet) -> list[str]:
+    """The LoRA target suffixes present in `unet` (to_q/to_k/to_v/to_out.0, add_k_proj/add_v_proj of AttnAddedKV)."""
+    from ..core.lora import LORA_TARGETS
+
+    names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)]
+    return [t for t in LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
+
+
+def add_lora(unet, rank: int, alpha: float, seed: int) -> list[str]:
+    """Freeze `unet` and add a peft LoRA (as diffusers' train_dreambooth_lora: unet.add_adapter(LoraConfig))."""
+    from peft import LoraConfig
+
+    targets = lora_targets(unet)
+    if not targets:
+        from ..core.lora import LORA_TARGETS
+
+        raise ConfigError(f"The decoder UNet has none of the attention projections a LoRA targets ({', '.join(LORA_TARGETS)}).")
+    unet.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return targets
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The LoRA of a peft-adapted UNet in diffusers' PEFT layout for a UNet: unet.<module>.lora_A/lora_B.weight."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {f"unet.{k}": v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def diffusion_loss(unet, latents, embeds, timesteps, noise, noise_scheduler) -> torch.Tensor:
+    """Eq. 2: MSE between ε and the ε half (first latent channels) of the UNet output on the noised latents."""
+    x_t = noise_scheduler.add_noise(latents, noise, timesteps)
+    out = unet(sample=x_t, timestep=timesteps, encoder_hidden_states=None,
+               added_cond_kwargs={"image_embeds": embeds}, return_dict=False)[0]
+    eps = out[:, : latents.shape[1]]
+    return torch.nn.functional.mse_loss(eps.float(), noise.float())
+
+
+def _load_models(cfg: FinetuneConfig, device):
+    from ..core.clip import load_clip_towers
+    from ..core.decoder_files import load_decoder, load_decoder_files
+
+    if cfg.decoder:
+        decoder = load_decoder(cfg.decoder, device=device)
+    else:
+        decoder = load_decoder_files(cfg.decoder_unet, cfg.decoder_movq, device=device)
+    clip = load_clip_towers(vision=cfg.clip_vision or cfg.clip, device=device)
+    return decoder, clip
+
+
+# -- run -----------------------------------------------------------------------------------------------------
+
+def _fingerprint(cfg: FinetuneConfig) -> dict:
+    d = asdict(cfg)
+    return {k: d[k] for k in _FIXED}
+
+
+def _rewrite_metrics(path: Path, keep_through: int):
+    """Drop metrics rows after the checkpoint's step (they are trained again after a resume)."""
+    if not path.exists():
+        return
+    rows = list(csv.reader(path.open(newline="", encoding="utf-8")))
+    if not rows:
+        return
+    head, body = rows[0], [r for r in rows[1:] if r and int(r[0]) <= keep_through]
+    buf = io.StringIO()
+    csv.writer(buf).writerows([head] + body)
+    atomic_write(path, lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8"))
+
+
+def _export(cfg, unet, out: Path, step: int, source: str, image_names, scheduler_config, targets) -> Path:
+    from ..core.lora import lora_metadata
+
+    if cfg.full:
+        from ..core.decoder_files import METADATA_CONFIG, METADATA_SCHEDULER, _public_config
+
+        tensors = {k: v for k, v in unet.state_dict().items()}
+        metadata = {"format": "pt", METADATA_CONFIG: json.dumps(_public_config(unet), sort_keys=True),
+                    METADATA_SCHEDULER: json.dumps(dict(scheduler_config), sort_keys=True),
+                    "base_decoder": source, "steps": str(step), "images": json.dumps(image_names)}
+        return save_file_atomic(tensors, out / FULL_FILE, metadata)
+    metadata = lora_metadata(base_decoder=source, rank=str(cfg.rank), alpha=str(float(cfg.alpha)), steps=str(step),
+                             images=image_names, target_modules=targets, lr=str(cfg.lr))
+    return save_file_atomic(lora_state_dict(unet), out / LORA_FILE, metadata)
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    """Train; returns {"output", "steps", "final_loss", "resumed_from"}. User errors raise LambdaEclipseError types."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    cfg.check()
+    out = Path(cfg.out).expanduser()
+    ckpt_path = out / CHECKPOINT
+    state = None
+    if ckpt_path.exists():
+        if not cfg.resume:
+            raise ResumeError(f"{out} already holds a fine-tuning run (checkpoint at step "
+                              f"{torch.load(ckpt_path, weights_only=False)['step']}); pass --resume to continue it, "
+                              "or choose another --out.")
+        try:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ResumeError(f"{ckpt_path} cannot be read ({str(exc)[:200]}); delete it to start over.") from exc
+    paths = collect_images(cfg.images)
+    cfg.images = [str(p.resolve()) for p in paths]
+    if state is not None:
+        old, new = state["config"], _fingerprint(cfg)
+        diff = [f"{k}: {old.get(k)!r} → {new[k]!r}" for k in _FIXED if old.get(k) != new[k]]
+        if diff:
+            raise ResumeError("--resume with other settings than the checkpoint's: " + "; ".join(diff)
+                              + ". Use the same settings (only --steps and --save-every may change) or another --out.")
+        if state["step"] >= cfg.steps:
+            log.info("The checkpoint is already at step %d ≥ --steps %d.", state["step"], cfg.steps)
+
+    try:
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"--mixed-precision {cfg.mixed_precision}: {exc}") from exc
+    device = accelerator.device
+    decoder, clip = _load_models(cfg, device)
+    latents, embeds, blank = encode_concept(paths, decoder, clip, cfg.resolution)
+    del clip
+    image_names = [p.name for p in paths]
+    log.info("%d concept photo(s) encoded: latents %s, embeddings %s", len(paths), list(latents.shape[1:]), embeds.shape[-1])
+
+    unet = decoder.unet
+    if unet.dtype != torch.float32:  # train in fp32 (autocast gives the mixed precision)
+        unet.to(dtype=torch.float32)
+    if cfg.full:
+        unet.requires_grad_(True)
+        targets = []
+    else:
+        targets = add_lora(unet, cfg.rank, cfg.alpha, cfg.seed)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    names = [n for n, p in unet.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    noise_scheduler = DDPMScheduler.from_config(dict(decoder.scheduler_config))
+    num_t = int(noise_scheduler.config.num_train_timesteps)
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start = 0
+    if state is not None:
+        by_name = dict(unet.named_parameters())
+        with torch.no_grad():
+            for n, v in state["trainable"].items():
+                by_name[n].copy_(v)
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start = int(state["step"])
+        log.info("Resumed from %s at step %d", ckpt_path, start)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    plain = accelerator.unwrap_model(unet)
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic({**asdict(cfg), "targets": targets, "base_decoder": decoder.source}, out / "finetune_config.json")
+    metrics = out / "metrics.csv"
+    _rewrite_metrics(metrics, start)
+    new_file = not metrics.exists()
+    handle = metrics.open("a", newline="", encoding="utf-8")
+    writer = csv.writer(handle)
+    if new_file:
+        writer.writerow(["step", "loss", "lr", "uncond", "seconds"])
+
+    def save(step: int):
+        torch_save_atomic({
+            "step": step, "config": _fingerprint(cfg),
+            "trainable": {n: p.detach().cpu().clone() for n, p in plain.named_parameters() if n in set(names)},
+            "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+        }, ckpt_path)
+        _export(cfg, plain, out, step, decoder.source, image_names, decoder.scheduler_config, targets)
+
+    loss_value = float("nan")
+    t0 = time.perf_counter()
+    try:
+        for step in range(start, cfg.steps):
+            b = cfg.batch_size
+            idx = torch.randint(len(paths), (b,), generator=generator)
+            timesteps = torch.randint(0, num_t, (b,), generator=generator)
+            noise = torch.randn((b,) + tuple(latents.shape[1:]), generator=generator)
+            drop = torch.rand(b, generator=generator) < cfg.uncond_prob
+            cond = torch.where(drop[:, None], blank[None].expand(b, -1), embeds[idx])
+            with accelerator.autocast():
+                loss = diffusion_loss(unet, latents[idx].to(device), cond.to(device), timesteps.to(device),
+                                      noise.to(device), noise_scheduler)
+            if not torch.isfinite(loss):
+                raise ConfigError(f"the loss became {loss.item()} at step {step + 1}: lower --lr or use "
+                                  "--mixed-precision no/bf16.")
+            accelerator.backward(loss)
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = float(loss.detach())
+            writer.writerow([step + 1, f"{loss_value:.6g}", f"{cfg.lr:g}", int(drop.sum()), f"{time.perf_counter() - t0:.2f}"])
+            handle.flush()
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                save(step + 1)
+    finally:
+        handle.close()
+    if state is not None and start >= cfg.steps and not (out / (FULL_FILE if cfg.full else LORA_FILE)).exists():
+        save(start)
+    return {"output": str(out / (FULL_FILE if cfg.full else LORA_FILE)), "steps": max(start, cfg.steps),
+            "final_loss": loss_value, "resumed_from": start if state is not None else None}
