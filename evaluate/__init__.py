@@ -1,0 +1,1 @@
+"""Evaluation as the paper measures it: Dreambench DINO / CLIP-I / CLIP-T (`python -m lambda_eclipse.evaluate`)."""

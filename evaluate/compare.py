@@ -1,0 +1,69 @@
+"""Two runs side by side: means, differences (B − A) and a bootstrap 95% interval of each difference.
+
+Rows are paired by (subject, prompt, seed) when the runs share them (a paired bootstrap over the shared
+images); otherwise each run is resampled on its own (an unpaired bootstrap of the difference of means).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .dreambench import means, read_scores
+from .metrics import LABELS, METRICS
+
+
+def _key(row: dict) -> tuple:
+    return row["subject"], row["prompt"], int(row["seed"])
+
+
+def bootstrap_difference(a: Sequence[float], b: Sequence[float], paired: bool, samples: int = 2000,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """(mean(b) − mean(a), low, high) with a percentile bootstrap 95% interval."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    rng = np.random.default_rng(seed)
+    if paired:
+        diff = b - a
+        idx = rng.integers(0, len(diff), size=(samples, len(diff)))
+        boots = diff[idx].mean(axis=1)
+        point = float(diff.mean())
+    else:
+        boots = (b[rng.integers(0, len(b), size=(samples, len(b)))].mean(axis=1)
+                 - a[rng.integers(0, len(a), size=(samples, len(a)))].mean(axis=1))
+        point = float(b.mean() - a.mean())
+    low, high = np.percentile(boots, [2.5, 97.5])
+    return point, float(low), float(high)
+
+
+def compare_rows(rows_a: Sequence[dict], rows_b: Sequence[dict], samples: int = 2000, seed: int = 0) -> dict:
+    by_a = {_key(r): r for r in rows_a}
+    by_b = {_key(r): r for r in rows_b}
+    shared = sorted(set(by_a) & set(by_b))
+    paired = bool(shared)
+    out = {"paired": paired, "shared": len(shared), "n_a": len(rows_a), "n_b": len(rows_b), "metrics": {}}
+    mean_a, mean_b = means(rows_a), means(rows_b)
+    for k in METRICS:
+        if paired:
+            a, b = [by_a[key][k] for key in shared], [by_b[key][k] for key in shared]
+        else:
+            a, b = [r[k] for r in rows_a], [r[k] for r in rows_b]
+        diff, low, high = bootstrap_difference(a, b, paired, samples, seed)
+        out["metrics"][k] = {"a": mean_a[k], "b": mean_b[k], "diff": diff, "low": low, "high": high}
+    return out
+
+
+def compare_markdown(result: dict, name_a: str = "A", name_b: str = "B") -> str:
+    how = (f"paired over the {result['shared']} images both runs share (subject, prompt, seed)"
+           if result["paired"] else "unpaired (the runs share no subject/prompt/seed)")
+    lines = [f"| metric | {name_a} | {name_b} | {name_b} − {name_a} | 95% interval |", "|---|---:|---:|---:|---:|"]
+    for k, m in result["metrics"].items():
+        lines.append(f"| {LABELS[k]} | {m['a']:.4f} | {m['b']:.4f} | {m['diff']:+.4f} | [{m['low']:+.4f}, {m['high']:+.4f}] |")
+    lines += ["", f"{name_a}: {result['n_a']} images; {name_b}: {result['n_b']} images. "
+              f"Differences and intervals are {how}; bootstrap percentile interval. "
+              "The A and B columns are each run's mean over all of its images."]
+    return "\n".join(lines) + "\n"
+
+
+def compare_runs(a, b, samples: int = 2000, seed: int = 0) -> str:
+    return compare_markdown(compare_rows(read_scores(a), read_scores(b), samples, seed), str(a), str(b))
