@@ -341,17 +341,23 @@ print("SDXL-BRIDGE " + json.dumps(report))
 """
 
 
-def test_sdxl_bridge_matches_clip_vision_encode(tmp_path):
-    """Embeds to CLIP Vision → core unCLIPConditioning → SDXL's pooled conditioning equals CLIP Vision Encode's path."""
+def run_in_comfyui(script: str, tag: str, tmp_path: Path) -> dict:
+    """Run `script` in ComfyUI's own interpreter (argv: ComfyUI path, a folder holding the pack as `lambda_eclipse`)
+    and return the JSON it prints after `tag`."""
     (tmp_path / "packages").mkdir()
     (tmp_path / "packages" / "lambda_eclipse").symlink_to(REPO, target_is_directory=True)
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="2")
-    done = subprocess.run([python, "-c", SDXL_CHECK, str(Path(COMFYUI).resolve()), str(tmp_path)], cwd=COMFYUI,
+    done = subprocess.run([python, "-c", script, str(Path(COMFYUI).resolve()), str(tmp_path)], cwd=COMFYUI,
                           capture_output=True, text=True, timeout=START_TIMEOUT, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("SDXL-BRIDGE ")]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(tag + " ")]
     assert done.returncode == 0 and lines, f"rc {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    report = json.loads(lines[-1][len("SDXL-BRIDGE "):])
+    return json.loads(lines[-1][len(tag) + 1:])
+
+
+def test_sdxl_bridge_matches_clip_vision_encode(tmp_path):
+    """Embeds to CLIP Vision → core unCLIPConditioning → SDXL's pooled conditioning equals CLIP Vision Encode's path."""
+    report = run_in_comfyui(SDXL_CHECK, "SDXL-BRIDGE", tmp_path)
     print("\n" + json.dumps(report, indent=1))
     assert report["is_comfy_output"] and "comfy.clip_vision.Output" in report["output_class"]
     assert report["image_embeds_equal"]

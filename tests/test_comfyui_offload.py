@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ COMFYUI = os.environ.get("COMFYUI_PATH")
 if not COMFYUI:
     pytest.skip("COMFYUI_PATH is not set: point it at a ComfyUI checkout to run the offload test", allow_module_level=True)
 
-from test_comfyui_integration import REPO, START_TIMEOUT, Server, fast  # noqa: E402
+from test_comfyui_integration import REPO, Server, fast, run_in_comfyui  # noqa: E402
 from test_workflows import WORKFLOWS, is_sdxl, load, ui_to_api  # noqa: E402
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
@@ -138,15 +137,7 @@ print("OFFLOAD " + json.dumps(report))
 
 
 def test_patchers_and_ops_in_comfyui(tmp_path):
-    (tmp_path / "packages").mkdir()
-    (tmp_path / "packages" / "lambda_eclipse").symlink_to(REPO, target_is_directory=True)
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="2")
-    done = subprocess.run([python, "-c", CHECK, str(Path(COMFYUI).resolve()), str(tmp_path)], cwd=COMFYUI,
-                          capture_output=True, text=True, timeout=START_TIMEOUT, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("OFFLOAD ")]
-    assert done.returncode == 0 and lines, f"rc {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    r = json.loads(lines[-1][len("OFFLOAD "):])
+    r = run_in_comfyui(CHECK, "OFFLOAD", tmp_path)
     print("\n" + json.dumps(r, indent=1))
     assert r["core"] == [True, True] and r["prior_legacy"]
     assert r["offloadable"] == [True, True, False]
