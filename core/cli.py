@@ -463,17 +463,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(args, user_errors: tuple = ()) -> int:
+    """Run a parsed command: a user's mistake prints `error: <message>` and exits 2 (no traceback); Ctrl-C 130."""
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except LambdaEclipseError as exc:
+    except (LambdaEclipseError, *user_errors) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
         return 130
+
+
+def main(argv=None) -> int:
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

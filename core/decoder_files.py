@@ -632,3 +632,10 @@ def load_decoder(
         decoder.source, decoder.dtype, decoder.device, decoder.scheduler_config.get("_class_name", "DDPMScheduler"),
     )
     return decoder
+
+
+def load_decoder_parts(unet: str | os.PathLike, movq: str | os.PathLike | None = None, device="cpu", dtype="fp32"):
+    """The decoder from a diffusers folder (`unet` is the folder; `movq` is then ignored) or from its two files."""
+    if Path(unet).is_dir():
+        return load_decoder(unet, device=device, dtype=dtype)
+    return load_decoder_files(unet, movq, device=device, dtype=dtype)

@@ -124,8 +124,7 @@ def load_models(paths, device: str = "cpu", dtype="fp32", allow_download: bool =
     `download` command (core.download) to fetch missing files.
     """
     from .clip import load_clip_towers
-    from .decoder import load_decoder
-    from .decoder_files import load_decoder_files
+    from .decoder_files import load_decoder_parts
 
     paths = dict(getattr(paths, "paths", paths))
     dtype = resolve_dtype(dtype)
@@ -133,15 +132,11 @@ def load_models(paths, device: str = "cpu", dtype="fp32", allow_download: bool =
     vision = paths.get("clip_vision", paths.get("clip"))
     unet = paths.get("decoder_unet", paths.get("decoder"))
     movq = paths.get("decoder_movq", paths.get("decoder"))
-    if unet is not None and Path(unet).is_dir():
-        decoder = load_decoder(unet, device=device, dtype=dtype)
-    else:
-        decoder = load_decoder_files(unet, movq, device=device, dtype=dtype)
     return Models(
         clip=load_clip_towers(text=text, vision=vision, device=device, dtype=dtype),
         # The prior is 34M parameters: fp32 costs nothing and keeps the official numbers.
         prior=load_prior(paths["prior"], device=device, dtype=torch.float32),
-        decoder=decoder,
+        decoder=load_decoder_parts(unet, movq, device=device, dtype=dtype),
     )
 
 

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
 from pathlib import Path
 
-from ..core.errors import InputError, LambdaEclipseError
+from ..core.cli import run_command
+from ..core.errors import InputError
 from .dreambench import DatasetError
 from .metrics import MetricModelError
 
-EXIT_USER_ERROR = 2
 
 
 class Processes:
@@ -176,13 +175,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except (LambdaEclipseError, DatasetError, MetricModelError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
-        return 130
+    return run_command(build_parser().parse_args(argv), (DatasetError, MetricModelError, FileNotFoundError))

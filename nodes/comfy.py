@@ -15,14 +15,13 @@ from typing import Callable, Iterable
 import torch
 
 from ..core.errors import Cancelled, MissingModelsError, ModelFileError
+from ..core.paths import FOLDER_ALIASES  # the legacy folders ComfyUI maps onto the new names
 
 log = logging.getLogger("lambda_eclipse")
 
 MODEL_FOLDER = "lambda_eclipse"
 WEIGHT_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
 SNIFFABLE_EXTENSIONS = {".safetensors", ".sft"}
-# ComfyUI maps these legacy folders onto the new names; the fallback outside ComfyUI does the same.
-FOLDER_ALIASES = {"text_encoders": ("text_encoders", "clip"), "diffusion_models": ("diffusion_models", "unet")}
 
 _fallback_models_dir: Path | None = None
 _fallback_input_dir: Path | None = None

@@ -184,6 +184,58 @@ def _file_hint(key: str) -> str:
     return f"Default: models/{entry.folder}/{entry.name} ({entry.size_text()}) from {entry.url}"
 
 
+@dataclass(frozen=True)
+class Slot:
+    """One model menu: where its files live, what they are called in messages, and which it accepts."""
+
+    folders: tuple
+    what: str
+    key: str  # manifest key of the default file
+    accept: Callable[[Path], bool]
+
+    def check(self, name):
+        return (self.folders, name, self.what, self.key, self.accept)
+
+    def resolve(self, name) -> Path:
+        return _resolve(self.folders, name, self.what, self.key)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A loader with a main menu and an optional second one whose `same` value takes the part from the main choice
+    (an OpenCLIP folder holds both towers, a diffusers folder both decoder parts)."""
+
+    main: Slot
+    second: Slot
+    same: str
+    holds_both: Callable[[Path], bool]  # may raise a LambdaEclipseError saying what the file is
+    only_one: Callable[[str], str]  # the message when the main choice lacks the second part
+
+    def validate(self, main_name, second_name) -> bool | str:
+        checks = [self.main.check(main_name)] + ([self.second.check(second_name)] if second_name != self.same else [])
+        ok = _validate(*checks)
+        if ok is True and second_name == self.same:
+            try:
+                self.paths(main_name, second_name)
+            except LambdaEclipseError as exc:
+                return str(exc)
+        return ok
+
+    def changed(self, main_name, second_name) -> str:
+        names = [(self.main.folders, main_name)]
+        if second_name != self.same:
+            names.append((self.second.folders, second_name))
+        return _changed(*names)
+
+    def paths(self, main_name, second_name) -> tuple[Path, Path]:
+        main = self.main.resolve(main_name)
+        if second_name != self.same:
+            return main, self.second.resolve(second_name)
+        if not self.holds_both(main):
+            raise ModelFileError(self.only_one(main_name))
+        return main, main
+
+
 # -- nodes -----------------------------------------------------------------------------------------------
 
 class LambdaEclipseLoadPrior:
@@ -257,36 +309,16 @@ class LambdaEclipseLoadCLIP:
 
     @classmethod
     def VALIDATE_INPUTS(cls, clip_name, vision_name=SAME_AS_CLIP):
-        checks = [(CLIP_TEXT_FOLDERS, clip_name, "bigG text tower", "clip_text", _accept_text)]
-        if vision_name != SAME_AS_CLIP:
-            checks.append((CLIP_VISION_FOLDERS, vision_name, "bigG vision tower", "clip_vision", _accept_vision))
-        ok = _validate(*checks)
-        if ok is not True or vision_name != SAME_AS_CLIP:
-            return ok
-        try:
-            if _text_only(_resolve(CLIP_TEXT_FOLDERS, clip_name, "bigG text tower", "clip_text")):
-                return _no_vision_message(clip_name)
-        except LambdaEclipseError as exc:
-            return str(exc)
-        return True
+        return CLIP_PAIR.validate(clip_name, vision_name)
 
     @classmethod
     def IS_CHANGED(cls, clip_name, dtype="auto", vision_name=SAME_AS_CLIP):
-        pairs = [(CLIP_TEXT_FOLDERS, clip_name)]
-        if vision_name != SAME_AS_CLIP:
-            pairs.append((CLIP_VISION_FOLDERS, vision_name))
-        return _changed(*pairs)
+        return CLIP_PAIR.changed(clip_name, vision_name)
 
     def load(self, clip_name, dtype="auto", vision_name=SAME_AS_CLIP):
         from ..core.clip import load_clip_towers
 
-        text = _resolve(CLIP_TEXT_FOLDERS, clip_name, "bigG text tower", "clip_text")
-        if vision_name == SAME_AS_CLIP:
-            if _text_only(text):
-                raise ModelFileError(_no_vision_message(clip_name))
-            vision = text
-        else:
-            vision = _resolve(CLIP_VISION_FOLDERS, vision_name, "bigG vision tower", "clip_vision")
+        text, vision = CLIP_PAIR.paths(clip_name, vision_name)
         torch_dtype = _dtype("clip", dtype)
 
         def load():
@@ -297,14 +329,13 @@ class LambdaEclipseLoadCLIP:
         return (_shared("clip", dict.fromkeys([text, vision]), torch_dtype, name, load),)
 
 
-def _text_only(path: Path) -> bool:
-    """True when a file holds the bigG text tower but no vision tower; a file that is no bigG tower raises why."""
+def _holds_both_towers(path: Path) -> bool:
+    """An OpenCLIP folder, or a file with both towers; a file that is no bigG tower raises why."""
     if path.is_dir():
-        return False
+        return True
     from ..core.clip_formats import sniff_clip
 
-    towers = sniff_clip(path).towers
-    return "vision" not in towers
+    return "vision" in sniff_clip(path).towers
 
 
 def _no_vision_message(clip_name: str) -> str:
@@ -341,47 +372,24 @@ class LambdaEclipseLoadDecoder:
 
     @classmethod
     def VALIDATE_INPUTS(cls, decoder_name, movq_name=SAME_AS_DECODER):
-        checks = [(UNET_FOLDERS, decoder_name, "Kandinsky 2.2 decoder UNet", "decoder_unet", _accept_unet)]
-        if movq_name != SAME_AS_DECODER:
-            checks.append((MOVQ_FOLDERS, movq_name, "Kandinsky 2.2 MoVQ", "decoder_movq", _accept_movq))
-        ok = _validate(*checks)
-        if ok is not True or movq_name != SAME_AS_DECODER:
-            return ok
-        if not _resolve(UNET_FOLDERS, decoder_name, "Kandinsky 2.2 decoder UNet", "decoder_unet").is_dir():
-            return _no_movq_message(decoder_name)
-        return True
+        return DECODER_PAIR.validate(decoder_name, movq_name)
 
     @classmethod
     def IS_CHANGED(cls, decoder_name, dtype="auto", movq_name=SAME_AS_DECODER):
-        pairs = [(UNET_FOLDERS, decoder_name)]
-        if movq_name != SAME_AS_DECODER:
-            pairs.append((MOVQ_FOLDERS, movq_name))
-        return _changed(*pairs)
+        return DECODER_PAIR.changed(decoder_name, movq_name)
 
     def load(self, decoder_name, dtype="auto", movq_name=SAME_AS_DECODER):
-        from ..core.decoder import load_decoder
-        from ..core.decoder_files import load_decoder_files
+        from ..core.decoder_files import load_decoder_parts
 
-        unet = _resolve(UNET_FOLDERS, decoder_name, "Kandinsky 2.2 decoder UNet", "decoder_unet")
+        unet, movq = DECODER_PAIR.paths(decoder_name, movq_name)
         torch_dtype = _dtype("decoder", dtype)
-        if movq_name == SAME_AS_DECODER:
-            if not unet.is_dir():
-                raise ModelFileError(_no_movq_message(decoder_name))
-            paths = [unet]
 
-            def load():
-                decoder = load_decoder(unet, device=comfy.offload_device(), dtype=torch_dtype)
-                return decoder, comfy.make_patcher("decoder", unet=decoder.unet, movq=decoder.movq)
-        else:
-            movq = _resolve(MOVQ_FOLDERS, movq_name, "Kandinsky 2.2 MoVQ", "decoder_movq")
-            paths = [unet, movq]
+        def load():
+            decoder = load_decoder_parts(unet, movq, device=comfy.offload_device(), dtype=torch_dtype)
+            return decoder, comfy.make_patcher("decoder", unet=decoder.unet, movq=decoder.movq)
 
-            def load():
-                decoder = load_decoder_files(unet, movq, device=comfy.offload_device(), dtype=torch_dtype)
-                return decoder, comfy.make_patcher("decoder", unet=decoder.unet, movq=decoder.movq)
-
-        name = decoder_name if len(paths) == 1 else f"{decoder_name} + {movq_name}"
-        return (_shared("decoder", paths, torch_dtype, name, load),)
+        name = decoder_name if movq == unet else f"{decoder_name} + {movq_name}"
+        return (_shared("decoder", dict.fromkeys([unet, movq]), torch_dtype, name, load),)
 
 
 def _no_movq_message(decoder_name: str) -> str:
@@ -389,6 +397,17 @@ def _no_movq_message(decoder_name: str) -> str:
     return (f"'{decoder_name}' is a single UNet file: pick the MoVQ in movq_name: models/{entry.folder}/{entry.name} "
             f"({entry.size_text()}, {entry.url}).")
 
+
+CLIP_PAIR = Pair(
+    Slot(CLIP_TEXT_FOLDERS, "bigG text tower", "clip_text", _accept_text),
+    Slot(CLIP_VISION_FOLDERS, "bigG vision tower", "clip_vision", _accept_vision),
+    SAME_AS_CLIP, _holds_both_towers, _no_vision_message,
+)
+DECODER_PAIR = Pair(
+    Slot(UNET_FOLDERS, "Kandinsky 2.2 decoder UNet", "decoder_unet", _accept_unet),
+    Slot(MOVQ_FOLDERS, "Kandinsky 2.2 MoVQ", "decoder_movq", _accept_movq),
+    SAME_AS_DECODER, lambda path: path.is_dir(), _no_movq_message,
+)
 
 NODES = {
     "LambdaEclipseLoadPrior": (LambdaEclipseLoadPrior, "λ-ECLIPSE Load Prior"),

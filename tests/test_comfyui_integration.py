@@ -263,17 +263,6 @@ def test_interrupt_stops_decoding(server):
 # pooled path (model_base.SDXL.encode_adm → sdxl_pooled → unclip_adm with the SDXL noise augmentor), side by side
 # with the same embedding in ComfyUI's own clip_vision.Output, as CLIP Vision Encode makes it.
 SDXL_CHECK = r"""
-import json, os, sys
-comfy_path, work = sys.argv[1], sys.argv[2]
-sys.path.insert(0, comfy_path)
-from comfy.cli_args import args
-args.cpu = True
-import folder_paths
-# Our pack registers models/lambda_eclipse and copies its example images when it sees ComfyUI: keep them out of the checkout.
-folder_paths.models_dir = os.path.join(work, "models")
-folder_paths.set_input_directory(os.path.join(work, "input"))
-folder_paths.set_output_directory(os.path.join(work, "output"))
-sys.path.insert(0, os.path.join(work, "packages"))  # packages/lambda_eclipse -> the repository
 import torch
 import nodes
 import comfy.clip_vision, comfy.model_base, comfy.sampler_helpers, comfy.samplers, comfy.supported_models
@@ -341,14 +330,30 @@ print("SDXL-BRIDGE " + json.dumps(report))
 """
 
 
+# What every script run in ComfyUI's interpreter starts with: ComfyUI importable on the CPU, its folders in a
+# scratch directory (our pack registers models/lambda_eclipse and copies its example images when it sees ComfyUI:
+# keep them out of the checkout), and the pack importable as `lambda_eclipse`.
+COMFYUI_PREAMBLE = r"""
+import json, os, sys
+comfy_path, work = sys.argv[1], sys.argv[2]
+sys.path.insert(0, comfy_path)
+from comfy.cli_args import args
+args.cpu = True
+import folder_paths
+folder_paths.models_dir = os.path.join(work, "models")
+folder_paths.set_input_directory(os.path.join(work, "input"))
+folder_paths.set_output_directory(os.path.join(work, "output"))
+sys.path.insert(0, os.path.join(work, "packages"))  # packages/lambda_eclipse -> the repository
+"""
+
+
 def run_in_comfyui(script: str, tag: str, tmp_path: Path) -> dict:
-    """Run `script` in ComfyUI's own interpreter (argv: ComfyUI path, a folder holding the pack as `lambda_eclipse`)
-    and return the JSON it prints after `tag`."""
+    """Run COMFYUI_PREAMBLE + `script` in ComfyUI's own interpreter and return the JSON it prints after `tag`."""
     (tmp_path / "packages").mkdir()
     (tmp_path / "packages" / "lambda_eclipse").symlink_to(REPO, target_is_directory=True)
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="2")
-    done = subprocess.run([python, "-c", script, str(Path(COMFYUI).resolve()), str(tmp_path)], cwd=COMFYUI,
+    done = subprocess.run([python, "-c", COMFYUI_PREAMBLE + script, str(Path(COMFYUI).resolve()), str(tmp_path)], cwd=COMFYUI,
                           capture_output=True, text=True, timeout=START_TIMEOUT, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith(tag + " ")]
     assert done.returncode == 0 and lines, f"rc {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"

@@ -28,16 +28,6 @@ from test_workflows import WORKFLOWS, is_sdxl, load, ui_to_api  # noqa: E402
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 CHECK = r"""
-import json, os, sys
-comfy_path, work = sys.argv[1], sys.argv[2]
-sys.path.insert(0, comfy_path)
-from comfy.cli_args import args
-args.cpu = True
-import folder_paths
-folder_paths.models_dir = os.path.join(work, "models")
-folder_paths.set_input_directory(os.path.join(work, "input"))
-folder_paths.set_output_directory(os.path.join(work, "output"))
-sys.path.insert(0, os.path.join(work, "packages"))  # packages/lambda_eclipse -> the repository
 import copy
 import torch
 import comfy.model_patcher as mp
