@@ -235,3 +235,105 @@ def test_generate_with_decoder_lora(trained, tiny_models, photos, tmp_path, caps
     capsys.readouterr()
     assert cli(base + ["--decoder-lora", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "c.png")]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "c.png").exists()
+
+
+# -- progress: samples and loss plot; precision and memory options ---------------------------------------------------
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state: a test that changes --mixed-precision must start and end clean."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _lora(out):
+    return load_file(str(out / "concept_lora.safetensors"))
+
+
+def test_samples_and_loss_plot_do_not_change_the_training(tiny_models, photos, tmp_path):
+    from lambda_eclipse.core.decoder_files import load_decoder_files
+    from lambda_eclipse.trainer.finetune_decoder import sample_concepts
+
+    plain, sampled = tmp_path / "plain", tmp_path / "sampled"
+    common = ("--steps", "4", "--save-every", "2", "--lr", "1e-3")
+    assert main(_args(tiny_models, photos, plain, *common)) == 0
+    assert main(_args(tiny_models, photos, sampled, *common, "--sample-every", "3", "--sample-steps", "2")) == 0
+    a, b = _lora(plain), _lora(sampled)
+    assert all(torch.equal(a[k], b[k]) for k in a), "sampling must not move the training's RNG or weights"
+    names = sorted(p.name for p in (sampled / "samples").iterdir())
+    assert names == ["step_000000.png", "step_000003.png", "step_000004.png"]
+    first = np.asarray(Image.open(sampled / "samples" / "step_000000.png"))
+    assert first.shape == (64, 64 * 3, 3)  # one 64-px picture per concept photo, side by side
+    last = np.asarray(Image.open(sampled / "samples" / "step_000004.png"))
+    assert np.abs(first.astype(int) - last.astype(int)).max() > 0, "the LoRA should change the samples"
+    # Step 0 is the base decoder's rendering of the concept embeddings: redo it by hand.
+    from lambda_eclipse.core.clip import load_clip_towers
+    from lambda_eclipse.trainer.finetune_decoder import collect_images, encode_concept
+
+    decoder = load_decoder_files(tiny_models["decoder_unet"], tiny_models["decoder_movq"])
+    clip = load_clip_towers(vision=tiny_models["clip_vision"])
+    _, embeds, blank = encode_concept(collect_images([photos]), decoder, clip, 64)
+    again = sample_concepts(decoder, embeds, blank, 64, 2, 0, tmp_path / "again.png")
+    assert np.array_equal(np.asarray(Image.open(again)), first)
+    plot = Image.open(sampled / "loss.png")
+    assert plot.size == (900, 420) and len(np.unique(np.asarray(plot.convert("RGB")).reshape(-1, 3), axis=0)) > 3
+
+
+def test_gradient_checkpointing_gives_the_same_lora(tiny_models, photos, tmp_path):
+    common = ("--steps", "3", "--save-every", "3", "--lr", "1e-3")
+    assert main(_args(tiny_models, photos, tmp_path / "a", *common)) == 0
+    assert main(_args(tiny_models, photos, tmp_path / "b", *common, "--gradient-checkpointing")) == 0
+    a, b = _lora(tmp_path / "a"), _lora(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    # … and it is really on: the UNet recomputes its blocks' activations in the backward pass.
+    from lambda_eclipse.trainer.finetune_decoder import FinetuneConfig, prepare_unet
+
+    unet = _decoder().unet
+    prepare_unet(unet, FinetuneConfig(out=str(tmp_path), images=["x"], decoder="d", clip="c",
+                                      gradient_checkpointing=True).check())
+    assert unet.is_gradient_checkpointing
+
+
+def test_bf16_trains_the_lora_in_fp32_over_a_bf16_base(tiny_models, photos, tmp_path, fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    from lambda_eclipse.trainer.finetune_decoder import FinetuneConfig, half_dtype, prepare_unet
+
+    assert main(_args(tiny_models, photos, tmp_path / "fp32", "--steps", "3", "--lr", "1e-3")) == 0
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert main(_args(tiny_models, photos, tmp_path / "bf16", "--steps", "3", "--lr", "1e-3",
+                      "--mixed-precision", "bf16", "--gradient-checkpointing")) == 0
+    a, b = _lora(tmp_path / "fp32"), _lora(tmp_path / "bf16")
+    assert all(v.dtype == torch.float32 for v in b.values())
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert 0 < diff < 5e-3, diff  # bf16 matmuls: close to the fp32 run, not equal
+    # What the trainer sets up under bf16: frozen base weights in bf16, the LoRA in fp32.
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    unet = _decoder().unet
+    cfg = FinetuneConfig(out=str(tmp_path), images=["x"], decoder="d", clip="c").check()
+    _, params, names = prepare_unet(unet, cfg, half_dtype(accelerator))
+    assert names and all("lora_" in n for n in names) and all(p.dtype == torch.float32 for p in params)
+    frozen = [p for p in unet.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+
+
+def test_fp16_on_the_cpu_says_it_does_nothing_and_trains_in_fp32(tiny_models, photos, tmp_path, caplog,
+                                                                 fresh_accelerate_state):
+    import logging
+
+    assert main(_args(tiny_models, photos, tmp_path / "fp32", "--steps", "2", "--lr", "1e-3")) == 0
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with caplog.at_level(logging.WARNING, logger="lambda_eclipse.trainer"):
+        assert main(_args(tiny_models, photos, tmp_path / "fp16", "--steps", "2", "--lr", "1e-3",
+                          "--mixed-precision", "fp16")) == 0
+    assert "has no effect on cpu" in caplog.text and "bf16" in caplog.text
+    a, b = _lora(tmp_path / "fp32"), _lora(tmp_path / "fp16")
+    assert all(torch.equal(a[k], b[k]) for k in a)

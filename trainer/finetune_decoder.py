@@ -33,6 +33,7 @@ import torch
 
 from .errors import ConfigError, DataError, ResumeError
 from .fsio import atomic_write, save_file_atomic, torch_save_atomic, write_json_atomic
+from .plot import plot_loss
 
 log = logging.getLogger("lambda_eclipse.trainer")
 
@@ -69,6 +70,9 @@ class FinetuneConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     cpu: bool = False
+    sample_every: int = 0  # 0: no samples; N: decode each concept embedding every N steps (and at step 0)
+    sample_steps: int = 20
+    progress: bool = True
 
     def check(self):
         def need(cond, msg):
@@ -85,6 +89,10 @@ class FinetuneConfig:
         need(self.alpha is None or (math.isfinite(self.alpha) and self.alpha > 0), f"--alpha must be > 0; got {self.alpha!r}")
         need(0 <= self.uncond_prob < 1, f"--uncond-prob must be in [0, 1); got {self.uncond_prob!r}")
         need(self.weight_decay >= 0 and self.max_grad_norm >= 0, "--weight-decay and --max-grad-norm must be ≥ 0")
+        need(isinstance(self.sample_every, int) and self.sample_every >= 0,
+             f"--sample-every must be ≥ 0 (0 = no samples); got {self.sample_every!r}")
+        need(isinstance(self.sample_steps, int) and 1 <= self.sample_steps <= 1000,
+             f"--sample-steps must be between 1 and 1000; got {self.sample_steps!r}")
         need(self.mixed_precision in ("no", "fp16", "bf16"), f"--mixed-precision must be no, fp16 or bf16; got {self.mixed_precision!r}")
         need(bool(self.images), "missing --images (3–5 photos of the concept: files and/or folders)")
         need(self.decoder or (self.decoder_unet and self.decoder_movq),
@@ -213,6 +221,101 @@ def _load_models(cfg: FinetuneConfig, device):
     return decoder, clip
 
 
+def half_dtype(accelerator) -> torch.dtype | None:
+    """The autocast dtype when mixed precision is in effect (None: fp32 training)."""
+    if not accelerator.native_amp:
+        return None
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(str(accelerator.mixed_precision))
+
+
+def prepare_unet(unet, cfg: FinetuneConfig, frozen_dtype: torch.dtype | None = None):
+    """Set `unet` up for training: (LoRA targets, trainable parameters, their names).
+
+    Trainable weights are fp32 (autocast gives the mixed precision). With a LoRA and mixed precision the frozen
+    base weights are stored in `frozen_dtype`, as diffusers' LoRA trainers do: autocast would cast them to that
+    dtype at every matmul/conv anyway, and it halves the UNet's memory.
+    """
+    if unet.dtype != torch.float32:
+        unet.to(dtype=torch.float32)
+    if cfg.full:
+        unet.requires_grad_(True)
+        targets = []
+    else:
+        targets = add_lora(unet, cfg.rank, cfg.alpha, cfg.seed)
+        if frozen_dtype is not None:
+            for p in unet.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(frozen_dtype)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    names = [n for n, p in unet.named_parameters() if p.requires_grad]
+    params = [p for p in unet.parameters() if p.requires_grad]
+    return targets, params, names
+
+
+def training_step(unet, accelerator, optimizer, params, noise_scheduler, latents, cond, timesteps, noise,
+                  max_grad_norm: float) -> float:
+    """One optimizer step of Eq. 2 on a batch (CPU tensors; moved to the accelerator's device); returns the loss."""
+    device = accelerator.device
+    with accelerator.autocast():
+        loss = diffusion_loss(unet, latents.to(device), cond.to(device), timesteps.to(device), noise.to(device),
+                              noise_scheduler)
+    if not torch.isfinite(loss):
+        return float(loss.detach())
+    accelerator.backward(loss)
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def sample_concepts(decoder, embeds, blank, resolution: int, steps: int, seed: int, path, autocast=None) -> Path:
+    """Decode each concept photo's own embedding z_x (up to 8) with the decoder's current weights, one seed for
+    all and the same at every call (dpmpp_2m, guidance 4, the blank embedding as negative): a strip PNG that
+    shows what the fine-tune does to the concept. The RNG states of the training run are left untouched."""
+    import contextlib
+
+    from ..core.decoder import decode
+    from ..core.outputs import save_image_atomic
+
+    unet = decoder.unet
+    was_training = unet.training
+    device = decoder.device
+    unet.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                (autocast() if autocast is not None else contextlib.nullcontext()):
+            images = decode(decoder, embeds[:8], blank[None], width=resolution, height=resolution, steps=steps,
+                            guidance=4.0, seeds=[seed] * min(8, len(embeds)), sampler="dpmpp_2m")
+    finally:
+        unet.train(was_training)
+    strip = torch.cat(list(images), dim=1)  # [H, N·W, 3]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return save_image_atomic(strip, path)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with huggingface_hub; without it, no bar
+        enabled = False
+    if not enabled:
+        class _Off:
+            def update(self, n=1):
+                pass
+
+            def set_postfix(self, **kw):
+                pass
+
+            def close(self):
+                pass
+        return _Off()
+    return tqdm(total=total, initial=initial, desc="finetune-decoder", unit="step", dynamic_ncols=True)
+
+
 # -- run -----------------------------------------------------------------------------------------------------
 
 def _fingerprint(cfg: FinetuneConfig) -> dict:
@@ -283,6 +386,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"--mixed-precision {cfg.mixed_precision}: {exc}") from exc
     device = accelerator.device
+    if cfg.mixed_precision != "no" and not accelerator.native_amp:
+        log.warning("--mixed-precision %s has no effect on %s (accelerate trains in fp32 there); "
+                    "use --mixed-precision bf16 or no.", cfg.mixed_precision, device)
     decoder, clip = _load_models(cfg, device)
     latents, embeds, blank = encode_concept(paths, decoder, clip, cfg.resolution)
     del clip
@@ -290,18 +396,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     log.info("%d concept photo(s) encoded: latents %s, embeddings %s", len(paths), list(latents.shape[1:]), embeds.shape[-1])
 
     unet = decoder.unet
-    if unet.dtype != torch.float32:  # train in fp32 (autocast gives the mixed precision)
-        unet.to(dtype=torch.float32)
-    if cfg.full:
-        unet.requires_grad_(True)
-        targets = []
-    else:
-        targets = add_lora(unet, cfg.rank, cfg.alpha, cfg.seed)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    names = [n for n, p in unet.named_parameters() if p.requires_grad]
+    targets, params, names = prepare_unet(unet, cfg, half_dtype(accelerator))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     noise_scheduler = DDPMScheduler.from_config(dict(decoder.scheduler_config))
     num_t = int(noise_scheduler.config.num_train_timesteps)
@@ -339,6 +434,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         }, ckpt_path)
         _export(cfg, plain, out, step, decoder.source, image_names, decoder.scheduler_config, targets)
 
+    samples = out / "samples"
+
+    def sample(step: int):
+        sample_concepts(decoder, embeds, blank, cfg.resolution, cfg.sample_steps, cfg.seed,
+                        samples / f"step_{step:06d}.png", accelerator.autocast)
+
+    if cfg.sample_every and start == 0 and not (samples / "step_000000.png").exists():
+        sample(0)  # the base decoder's rendering: what the steps after it are compared with
+    bar = _progress(cfg.steps, start, cfg.progress)
     loss_value = float("nan")
     t0 = time.perf_counter()
     try:
@@ -349,23 +453,22 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             noise = torch.randn((b,) + tuple(latents.shape[1:]), generator=generator)
             drop = torch.rand(b, generator=generator) < cfg.uncond_prob
             cond = torch.where(drop[:, None], blank[None].expand(b, -1), embeds[idx])
-            with accelerator.autocast():
-                loss = diffusion_loss(unet, latents[idx].to(device), cond.to(device), timesteps.to(device),
-                                      noise.to(device), noise_scheduler)
-            if not torch.isfinite(loss):
-                raise ConfigError(f"the loss became {loss.item()} at step {step + 1}: lower --lr or use "
+            loss_value = training_step(unet, accelerator, optimizer, params, noise_scheduler, latents[idx], cond,
+                                       timesteps, noise, cfg.max_grad_norm)
+            if not math.isfinite(loss_value):
+                raise ConfigError(f"the loss became {loss_value} at step {step + 1}: lower --lr or use "
                                   "--mixed-precision no/bf16.")
-            accelerator.backward(loss)
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = float(loss.detach())
             writer.writerow([step + 1, f"{loss_value:.6g}", f"{cfg.lr:g}", int(drop.sum()), f"{time.perf_counter() - t0:.2f}"])
             handle.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 save(step + 1)
+                plot_loss(metrics, out / "loss.png")
+            if cfg.sample_every and ((step + 1) % cfg.sample_every == 0 or step + 1 == cfg.steps):
+                sample(step + 1)
     finally:
+        bar.close()
         handle.close()
     if state is not None and start >= cfg.steps and not (out / (FULL_FILE if cfg.full else LORA_FILE)).exists():
         save(start)
