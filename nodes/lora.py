@@ -71,6 +71,19 @@ class LambdaEclipseLoadDecoderLoRA:
         }}
 
     @classmethod
+    def VALIDATE_INPUTS(cls, lora_name):
+        """Our message before anything runs (instead of ComfyUI's "Value not in list"): where the file should be,
+        how to make one, or why a file there is not a decoder LoRA."""
+        try:
+            path = _resolve(lora_name)
+        except Exception as exc:  # MissingModelsError / ModelFileError: already worded for the user
+            return str(exc)
+        if not _accept(path):
+            return (f"Decoder LoRA {lora_name!r} is not a LoRA of the Kandinsky 2.2 decoder UNet (an SD/SDXL LoRA, "
+                    "or another model's). Pick a file made by `python -m lambda_eclipse.trainer finetune-decoder`.")
+        return True
+
+    @classmethod
     def IS_CHANGED(cls, decoder=None, lora_name="", strength=1.0):
         try:
             return str(comfy.model_signature(_resolve(lora_name)))

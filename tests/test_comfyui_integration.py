@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from test_workflows import SDXL_BASE, WORKFLOWS, is_sdxl, load, ui_to_api
+from test_workflows import SDXL_BASE, USER_FILES, WORKFLOWS, is_sdxl, load, ui_to_api
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
@@ -105,7 +105,8 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "lambda_eclipse").symlink_to(REPO, target_is_directory=True)
-    write_tiny_models(base / "models")
+    models = write_tiny_models(base / "models")
+    _train_the_workflows_lora(models, base, tmp_path_factory.mktemp("lora"))
     srv = Server(base)
     try:
         srv.wait_ready()
@@ -113,6 +114,28 @@ def server(tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+
+
+def _train_the_workflows_lora(models: dict, base: Path, work: Path):
+    """Workflow 7's LoRA, made as a user makes one: the trainer's command on photos, the file copied to models/loras."""
+    import shutil
+
+    from PIL import Image, ImageOps
+
+    from lambda_eclipse.trainer.__main__ import main as trainer
+
+    photos = work / "photos"
+    photos.mkdir()
+    dog = Image.open(REPO / "assets" / "dog.jpg").convert("RGB")
+    for i, im in enumerate((dog, ImageOps.mirror(dog), dog.crop((0, 0, 300, 300)))):
+        im.save(photos / f"dog_{i}.jpg")
+    assert trainer(["finetune-decoder", "--decoder-unet", str(models["decoder_unet"]), "--decoder-movq",
+                    str(models["decoder_movq"]), "--clip-vision", str(models["clip_vision"]), "--images", str(photos),
+                    "--out", str(work / "run"), "--steps", "4", "--lr", "1e-2", "--resolution", "64",
+                    "--progress", "false"]) == 0
+    (base / "models" / "loras").mkdir(exist_ok=True)
+    shutil.copy(work / "run" / "concept_lora.safetensors", base / "models" / "loras" / USER_FILES[
+        "LambdaEclipseLoadDecoderLoRA"]["lora_name"])
 
 
 def fast(prompt: dict) -> dict:
@@ -177,6 +200,13 @@ def test_workflow_runs(server, path):
         assert (server.base / "output" / img["subfolder"] / img["filename"]).is_file()
     if "grid" in path.stem.lower():
         assert len(saved) == 9 + 1  # the cells, and the grid as one picture
+    if "LoRA" in path.stem:  # the LoRA's picture and the base decoder's, same embedding and seed: they differ
+        import numpy as np
+        from PIL import Image
+
+        tuned, plain = (np.asarray(Image.open(server.base / "output" / img["subfolder"] / img["filename"]), dtype=int)
+                        for img in sorted(saved, key=lambda img: "base" in img["filename"]))
+        assert tuned.shape == plain.shape and np.abs(tuned - plain).max() > 0
 
 
 def test_absent_file_stops_with_the_loaders_message(server):

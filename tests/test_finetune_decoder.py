@@ -217,6 +217,12 @@ def test_node_applies_without_touching_the_shared_decoder(trained, tmp_path):
         assert torch.allclose(_pixels(chained.model), base, atol=1e-4)
         with pytest.raises(Exception, match="finetune-decoder"):
             LambdaEclipseLoadDecoderLoRA().apply(shared, "gone.safetensors", 1.0)
+        # Before anything runs, ComfyUI asks VALIDATE_INPUTS: our words, not "Value not in list".
+        assert LambdaEclipseLoadDecoderLoRA.VALIDATE_INPUTS("concept.safetensors") is True
+        gone = LambdaEclipseLoadDecoderLoRA.VALIDATE_INPUTS("gone.safetensors")
+        assert "models/loras" in gone and "finetune-decoder" in gone
+        assert "not a LoRA of the Kandinsky 2.2 decoder" in LambdaEclipseLoadDecoderLoRA.VALIDATE_INPUTS("sdxl.safetensors")
+        assert "not a name from the list" in LambdaEclipseLoadDecoderLoRA.VALIDATE_INPUTS("../x.safetensors")
     finally:
         comfy.set_models_dir(None)
     assert "LambdaEclipseLoadDecoderLoRA" in NODES

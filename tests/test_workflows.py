@@ -97,6 +97,10 @@ def declaration(node_type: str) -> dict:
     return {"sockets": sockets, "widgets": widgets, "outputs": list(cls.RETURN_TYPES), "output_names": list(cls.RETURN_NAMES)}
 
 
+# Files users make themselves (no download): the name each bundled workflow uses.
+USER_FILES = {"LambdaEclipseLoadDecoderLoRA": {"lora_name": "dog_concept_lora.safetensors"}}
+
+
 def ui_to_api(workflow: dict) -> dict:
     """UI-format workflow → API-format prompt, using the declarations for widget names (Notes dropped)."""
     links = {link[0]: link for link in workflow["links"]}
@@ -126,8 +130,8 @@ def is_sdxl(workflow: dict) -> bool:
     return any(n["type"] == "CheckpointLoaderSimple" for n in workflow["nodes"])
 
 
-def test_the_six_workflows_ship_in_one_folder():
-    assert len(WORKFLOWS) == 6
+def test_the_seven_workflows_ship_in_one_folder():
+    assert len(WORKFLOWS) == 7
     assert not (REPO / "example_workflows").exists(), "ship workflows/ only (ComfyUI 404s one of two folders)"
     for path in WORKFLOWS:
         assert path.with_suffix(".jpg").is_file(), f"{path.name} has no thumbnail"
@@ -177,6 +181,8 @@ def test_node_types_and_widgets(workflow):
                 assert value == FILES[LOADERS[kind][name]].name, f"{where}: use the manifest's default file name"
             elif wtype == "COMBO" and kind in CORE_LOADERS:
                 assert value == CORE_LOADERS[kind][name]["name"], where
+            elif wtype == "COMBO" and kind in USER_FILES:
+                assert value == USER_FILES[kind][name], f"{where}: the name the workflow's Note tells users to save as"
             elif wtype == "COMBO" and kind != "LoadImage":
                 assert value in options["choices"], where
 
@@ -323,7 +329,7 @@ def test_expected_content():
         name: [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "LambdaEclipseInterleavePrompt"]
         for name, wf in by_name.items()
     }
-    one, two, three, canny, grid, sdxl = sorted(by_name)
+    one, two, three, canny, grid, sdxl, lora = sorted(by_name)
     assert prompts[one] == ["a cat on top of the snow mountain"]
     assert prompts[two] == ["a cat wearing glasses at a park"]
     assert prompts[three] == ["a dog wearing a hat and sunglasses on a beach"]
@@ -348,6 +354,27 @@ def test_expected_content():
         assert (f"models/{entry.folder}/{entry.name}" in text) == (key in ("prior", "clip_text", "clip_vision")), key
     assert f"models/checkpoints/{SDXL_BASE['name']}" in text
     assert "strength" in text and "noise_augmentation" in text and "not measured" in text
+
+
+def test_lora_workflow_puts_the_lora_between_loader_and_decode():
+    """Workflow 7: Load Kandinsky Decoder → Load Decoder LoRA → Kandinsky Decode, and the base decoder beside it
+    with the same embedding and settings; the Note tells how to make the LoRA under the name the node asks for."""
+    path, = [p for p in WORKFLOWS if any(n["type"] == "LambdaEclipseLoadDecoderLoRA" for n in load(p)["nodes"])]
+    assert path.stem == "7 - Fine-tuned concept (decoder LoRA)"
+    api = ui_to_api(load(path))
+    by_type = {}
+    for key, node in api.items():
+        by_type.setdefault(node["class_type"], []).append(key)
+    (loader,), (lora,) = by_type["LambdaEclipseLoadDecoder"], by_type["LambdaEclipseLoadDecoderLoRA"]
+    assert api[lora]["inputs"]["decoder"][0] == loader and api[lora]["inputs"]["strength"] == 1.0
+    decodes = [api[k]["inputs"] for k in by_type["LambdaEclipseKandinskyDecode"]]
+    assert sorted(d["decoder"][0] for d in decodes) == sorted([lora, loader])
+    assert decodes[0]["embeds"] == decodes[1]["embeds"]
+    widgets = ("width", "height", "steps", "guidance", "seed", "batch_seeds")
+    assert [decodes[0][w] for w in widgets] == [decodes[1][w] for w in widgets]
+    assert len(by_type["SaveImage"]) == 2
+    text, = [n["widgets_values"][0] for n in load(path)["nodes"] if n["type"] == "Note"]
+    assert "finetune-decoder" in text and f"models/loras/{USER_FILES['LambdaEclipseLoadDecoderLoRA']['lora_name']}" in text
 
 
 def test_sdxl_workflow_feeds_the_embedding_to_unclip():

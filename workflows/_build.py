@@ -384,6 +384,59 @@ def sdxl_workflow(name):
     return g
 
 
+LORA_NAME = "dog_concept_lora.safetensors"
+
+
+def lora_workflow():
+    """A decoder LoRA (trainer finetune-decoder) between Load Kandinsky Decoder and Kandinsky Decode, with the base
+    decoder's picture from the same embedding and seed beside it."""
+    text = "a dog on the beach"
+    g = Graph()
+    prior, clip, decoder = loaders(g)
+    note(g, "λ-ECLIPSE with a concept fine-tune of the decoder (paper §3.3): the dog's LoRA makes the decoder draw "
+         "that dog more like its photos, while the prompt still sets the scene. The upper picture uses the LoRA, "
+         "the lower one the same embedding and seed on the base decoder.\n\n"
+         "Make the LoRA from 3–5 photos of your subject (TRAINING.md §9):\n"
+         "python -m lambda_eclipse.trainer finetune-decoder --decoder-unet models/diffusion_models/"
+         "kandinsky-2-2-decoder-unet.safetensors --decoder-movq models/vae/kandinsky-2-2-movq.safetensors "
+         "--clip-vision models/clip_vision/clip_vision_g.safetensors --images my_dog_photos/ --out runs/my_dog "
+         "--steps 400 --sample-every 100\n"
+         f"then copy runs/my_dog/concept_lora.safetensors to models/loras/{LORA_NAME} (or keep its name and pick it "
+         "in Load Decoder LoRA after pressing R).\n\nTo change: use one of the same photos in Load Image, set its word "
+         "and the prompt; strength 1 = as trained, 0 = the base decoder, in between = partly; chain Load Decoder "
+         "LoRA nodes to use several concepts' LoRAs at once.",
+         g.bottom(decoder), height=560)
+    photo = image(g, "dog.jpg", (400, 0), size=(320, 330))
+    subj = subject(g, clip, photo, "dog", (400, g.bottom(photo)), width=320)
+    prompt = g.add("LambdaEclipseInterleavePrompt", (400, g.bottom(subj)), {"text": text}, size=[320, 170])
+    g.link(clip, "clip", prompt, "clip")
+    g.link(subj, "subjects", prompt, "subjects")
+
+    x = 770
+    sample = g.add("LambdaEclipsePriorSample", (x, 0), {"seed": 42, "batch_size": 1}, size=[320, None])
+    g.link(prior, "prior", sample, "prior")
+    g.link(clip, "clip", sample, "clip")
+    g.link(prompt, "prompt", sample, "prompt")
+    lora = g.add("LambdaEclipseLoadDecoderLoRA", (x, g.bottom(sample)), {"lora_name": LORA_NAME, "strength": 1.0},
+                 size=[320, None])
+    g.link(decoder, "decoder", lora, "decoder")
+
+    x += 370
+    settings = {"width": 512, "height": 512, "steps": 50, "guidance": 7.5, "seed": 42, "batch_seeds": "increment"}
+    tuned = g.add("LambdaEclipseKandinskyDecode", (x, 0), settings, title="Kandinsky Decode (with the LoRA)", size=[320, None])
+    g.link(lora, "decoder", tuned, "decoder")
+    g.link(sample, "embeds", tuned, "embeds")
+    save_tuned = g.add("SaveImage", (x + 350, 0), {"filename_prefix": "lambda_eclipse/concept_lora"}, size=[380, 420])
+    g.link(tuned, "images", save_tuned, "images")
+    y = g.bottom(tuned, save_tuned)
+    base = g.add("LambdaEclipseKandinskyDecode", (x, y), settings, title="Kandinsky Decode (base decoder)", size=[320, None])
+    g.link(decoder, "decoder", base, "decoder")
+    g.link(sample, "embeds", base, "embeds")
+    save_base = g.add("SaveImage", (x + 350, y), {"filename_prefix": "lambda_eclipse/concept_base"}, size=[380, 420])
+    g.link(base, "images", save_base, "images")
+    return g
+
+
 # Template cards are titled with the file name and cannot be ordered: the names say what each one makes.
 NAMES = {
     "one_subject": "1 - One subject (a cat on a mountain)",
@@ -392,6 +445,7 @@ NAMES = {
     "canny": "4 - Canny layout (a dog surfing)",
     "grid": "5 - Interpolation grid (two dogs x two hats)",
     "sdxl": "6 - SDXL with subjects (unCLIP ReVision)",
+    "lora": "7 - Fine-tuned concept (decoder LoRA)",
 }
 
 
@@ -410,6 +464,7 @@ def build():
     out[NAMES["canny"]] = canny_workflow()
     out[NAMES["grid"]] = grid_workflow()
     out[NAMES["sdxl"]] = sdxl_workflow("sdxl_unclip")
+    out[NAMES["lora"]] = lora_workflow()
     return out
 
 
