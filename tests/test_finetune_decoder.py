@@ -343,3 +343,31 @@ def test_fp16_on_the_cpu_says_it_does_nothing_and_trains_in_fp32(tiny_models, ph
     assert "has no effect on cpu" in caplog.text and "bf16" in caplog.text
     a, b = _lora(tmp_path / "fp32"), _lora(tmp_path / "fp16")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_make_the_same_step_as_one_with_twice_the_batch(tiny_models, photos, tmp_path):
+    """torchrun, 2 CPU processes (gloo DDP) × --batch-size 1 = 1 process × --batch-size 2; resuming with another
+    number of processes is refused."""
+    import os
+    import subprocess
+    import sys
+
+    common = ("--steps", "3", "--save-every", "3", "--lr", "1e-3", "--progress", "false", "--cpu")
+    assert main(_args(tiny_models, photos, tmp_path / "one", *common, "--batch-size", "2")) == 0
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29600 + os.getpid() % 1000), "-m", "lambda_eclipse.trainer",
+                        *_args(tiny_models, photos, tmp_path / "two", *common, "--batch-size", "1")],
+                       env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    a, b = _lora(tmp_path / "one"), _lora(tmp_path / "two")
+    assert a.keys() == b.keys()
+    # Float sums in another order: AdamW's normalisation turns 1e-7 gradient differences into ~1e-6 (lr 1e-3).
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, worst
+    rows = (tmp_path / "two" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 4, rows  # written once, by the main process
+    losses = [[r.split(",")[1] for r in (tmp_path / run / "metrics.csv").read_text().splitlines()[1:]] for run in ("one", "two")]
+    assert losses[0] == losses[1]  # the loss of the whole step, averaged over the processes
+    assert main(_args(tiny_models, photos, tmp_path / "two", *common, "--batch-size", "1", "--steps", "4",
+                      "--resume")) == 2

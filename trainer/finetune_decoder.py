@@ -256,19 +256,25 @@ def prepare_unet(unet, cfg: FinetuneConfig, frozen_dtype: torch.dtype | None = N
 
 def training_step(unet, accelerator, optimizer, params, noise_scheduler, latents, cond, timesteps, noise,
                   max_grad_norm: float) -> float:
-    """One optimizer step of Eq. 2 on a batch (CPU tensors; moved to the accelerator's device); returns the loss."""
+    """One optimizer step of Eq. 2 on this process's batch (CPU tensors; moved to the accelerator's device).
+
+    Returns the loss averaged over the processes. Every process sees that same value, so a non-finite loss skips
+    the step on all of them alike (no process waits in a gradient all-reduce the others never join)."""
     device = accelerator.device
     with accelerator.autocast():
         loss = diffusion_loss(unet, latents.to(device), cond.to(device), timesteps.to(device), noise.to(device),
                               noise_scheduler)
-    if not torch.isfinite(loss):
-        return float(loss.detach())
+    mean = loss.detach().float()
+    if accelerator.num_processes > 1:
+        mean = accelerator.reduce(mean.clone(), reduction="mean")
+    if not torch.isfinite(mean):
+        return float(mean)
     accelerator.backward(loss)
     if max_grad_norm > 0:
         accelerator.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return float(mean)
 
 
 @torch.no_grad()
@@ -386,6 +392,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"--mixed-precision {cfg.mixed_precision}: {exc}") from exc
     device = accelerator.device
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if state is not None and int(state.get("processes", 1)) != world:
+        raise ResumeError(f"{ckpt_path} was trained with {state.get('processes', 1)} process(es) and this run has "
+                          f"{world}: each step's examples depend on it. Resume with the same number of processes.")
     if cfg.mixed_precision != "no" and not accelerator.native_amp:
         log.warning("--mixed-precision %s has no effect on %s (accelerate trains in fp32 there); "
                     "use --mixed-precision bf16 or no.", cfg.mixed_precision, device)
@@ -416,60 +426,76 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     unet, optimizer = accelerator.prepare(unet, optimizer)
     plain = accelerator.unwrap_model(unet)
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic({**asdict(cfg), "targets": targets, "base_decoder": decoder.source}, out / "finetune_config.json")
+    # Files are written by the main process only; the others wait for it where it matters.
     metrics = out / "metrics.csv"
-    _rewrite_metrics(metrics, start)
-    new_file = not metrics.exists()
-    handle = metrics.open("a", newline="", encoding="utf-8")
-    writer = csv.writer(handle)
-    if new_file:
-        writer.writerow(["step", "loss", "lr", "uncond", "seconds"])
+    handle = writer = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic({**asdict(cfg), "targets": targets, "base_decoder": decoder.source, "processes": world},
+                          out / "finetune_config.json")
+        _rewrite_metrics(metrics, start)
+        new_file = not metrics.exists()
+        handle = metrics.open("a", newline="", encoding="utf-8")
+        writer = csv.writer(handle)
+        if new_file:
+            writer.writerow(["step", "loss", "lr", "uncond", "seconds"])
 
     def save(step: int):
-        torch_save_atomic({
-            "step": step, "config": _fingerprint(cfg),
-            "trainable": {n: p.detach().cpu().clone() for n, p in plain.named_parameters() if n in set(names)},
-            "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-        }, ckpt_path)
-        _export(cfg, plain, out, step, decoder.source, image_names, decoder.scheduler_config, targets)
+        if main:
+            torch_save_atomic({
+                "step": step, "config": _fingerprint(cfg), "processes": world,
+                "trainable": {n: p.detach().cpu().clone() for n, p in plain.named_parameters() if n in set(names)},
+                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            }, ckpt_path)
+            _export(cfg, plain, out, step, decoder.source, image_names, decoder.scheduler_config, targets)
+            plot_loss(metrics, out / "loss.png")
+        accelerator.wait_for_everyone()
 
     samples = out / "samples"
 
     def sample(step: int):
-        sample_concepts(decoder, embeds, blank, cfg.resolution, cfg.sample_steps, cfg.seed,
-                        samples / f"step_{step:06d}.png", accelerator.autocast)
+        if main:
+            sample_concepts(decoder, embeds, blank, cfg.resolution, cfg.sample_steps, cfg.seed,
+                            samples / f"step_{step:06d}.png", accelerator.autocast)
+        accelerator.wait_for_everyone()
 
     if cfg.sample_every and start == 0 and not (samples / "step_000000.png").exists():
         sample(0)  # the base decoder's rendering: what the steps after it are compared with
-    bar = _progress(cfg.steps, start, cfg.progress)
+    bar = _progress(cfg.steps, start, cfg.progress and main)
     loss_value = float("nan")
     t0 = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
-            b = cfg.batch_size
-            idx = torch.randint(len(paths), (b,), generator=generator)
-            timesteps = torch.randint(0, num_t, (b,), generator=generator)
-            noise = torch.randn((b,) + tuple(latents.shape[1:]), generator=generator)
-            drop = torch.rand(b, generator=generator) < cfg.uncond_prob
-            cond = torch.where(drop[:, None], blank[None].expand(b, -1), embeds[idx])
-            loss_value = training_step(unet, accelerator, optimizer, params, noise_scheduler, latents[idx], cond,
-                                       timesteps, noise, cfg.max_grad_norm)
+            # Every process draws the whole step's examples from the same generator and trains on its own slice:
+            # n processes × --batch-size b make the same step as one process with n·b (gradients are averaged),
+            # and the generator state in the checkpoint is every process's.
+            b, total = cfg.batch_size, cfg.batch_size * world
+            idx = torch.randint(len(paths), (total,), generator=generator)
+            timesteps = torch.randint(0, num_t, (total,), generator=generator)
+            noise = torch.randn((total,) + tuple(latents.shape[1:]), generator=generator)
+            drop = torch.rand(total, generator=generator) < cfg.uncond_prob
+            cond = torch.where(drop[:, None], blank[None].expand(total, -1), embeds[idx])
+            mine = slice(rank * b, (rank + 1) * b)
+            loss_value = training_step(unet, accelerator, optimizer, params, noise_scheduler, latents[idx][mine],
+                                       cond[mine], timesteps[mine], noise[mine], cfg.max_grad_norm)
             if not math.isfinite(loss_value):
                 raise ConfigError(f"the loss became {loss_value} at step {step + 1}: lower --lr or use "
                                   "--mixed-precision no/bf16.")
-            writer.writerow([step + 1, f"{loss_value:.6g}", f"{cfg.lr:g}", int(drop.sum()), f"{time.perf_counter() - t0:.2f}"])
-            handle.flush()
+            if writer is not None:
+                writer.writerow([step + 1, f"{loss_value:.6g}", f"{cfg.lr:g}", int(drop.sum()),
+                                 f"{time.perf_counter() - t0:.2f}"])
+                handle.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 save(step + 1)
-                plot_loss(metrics, out / "loss.png")
             if cfg.sample_every and ((step + 1) % cfg.sample_every == 0 or step + 1 == cfg.steps):
                 sample(step + 1)
     finally:
         bar.close()
-        handle.close()
+        if handle is not None:
+            handle.close()
     if state is not None and start >= cfg.steps and not (out / (FULL_FILE if cfg.full else LORA_FILE)).exists():
         save(start)
     return {"output": str(out / (FULL_FILE if cfg.full else LORA_FILE)), "steps": max(start, cfg.steps),
