@@ -371,3 +371,35 @@ def test_two_processes_make_the_same_step_as_one_with_twice_the_batch(tiny_model
     assert losses[0] == losses[1]  # the loss of the whole step, averaged over the processes
     assert main(_args(tiny_models, photos, tmp_path / "two", *common, "--batch-size", "1", "--steps", "4",
                       "--resume")) == 2
+
+
+def test_hard_kill_after_a_checkpoint_resumes_to_the_same_lora(tiny_models, photos, tmp_path):
+    """The process dies (os._exit, as kill -9) right after the step-2 checkpoint is written and before its LoRA file
+    is: --resume finishes the run with exactly the uninterrupted run's LoRA; and a kill after the final checkpoint
+    is healed by a resume that has no step left to train."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys\n"
+            "from lambda_eclipse.trainer import finetune_decoder as F\n"
+            "orig = F.torch_save_atomic\n"
+            "def hook(obj, path):\n"
+            "    orig(obj, path)\n"
+            "    if obj['step'] == int(os.environ['KILL_AT']): os._exit(137)\n"
+            "F.torch_save_atomic = hook\n"
+            "from lambda_eclipse.trainer.__main__ import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    common = ("--steps", "4", "--save-every", "2", "--lr", "1e-3", "--progress", "false")
+    assert main(_args(tiny_models, photos, tmp_path / "straight", *common)) == 0
+    for kill_at, run in ((2, "killed_mid"), (4, "killed_end")):
+        env = dict(os.environ, PYTHONWARNINGS="ignore", KILL_AT=str(kill_at))
+        p = subprocess.run([sys.executable, "-c", code, *_args(tiny_models, photos, tmp_path / run, *common)],
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 137, p.stderr[-2000:]
+        assert not (tmp_path / run / "concept_lora.safetensors").exists() or kill_at == 4
+        assert main(_args(tiny_models, photos, tmp_path / run, *common, "--resume")) == 0
+        a, b = _lora(tmp_path / "straight"), _lora(tmp_path / run)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run
+        with safe_open(str(tmp_path / run / "concept_lora.safetensors"), "pt") as f:
+            assert f.metadata()["steps"] == "4"

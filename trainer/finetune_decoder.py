@@ -496,7 +496,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         bar.close()
         if handle is not None:
             handle.close()
-    if state is not None and start >= cfg.steps and not (out / (FULL_FILE if cfg.full else LORA_FILE)).exists():
-        save(start)
+    if state is not None and start >= cfg.steps and main:
+        # A kill between the final checkpoint and its export leaves no (or an older) LoRA file: write it again.
+        _export(cfg, plain, out, start, decoder.source, image_names, decoder.scheduler_config, targets)
     return {"output": str(out / (FULL_FILE if cfg.full else LORA_FILE)), "steps": max(start, cfg.steps),
             "final_loss": loss_value, "resumed_from": start if state is not None else None}
