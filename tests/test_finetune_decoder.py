@@ -403,3 +403,34 @@ def test_hard_kill_after_a_checkpoint_resumes_to_the_same_lora(tiny_models, phot
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run
         with safe_open(str(tmp_path / run / "concept_lora.safetensors"), "pt") as f:
             assert f.metadata()["steps"] == "4"
+
+
+def test_masks_put_the_subject_on_white_like_an_alpha_cutout(tiny_models, tmp_path, capsys):
+    from lambda_eclipse.core.clip import load_clip_towers
+    from lambda_eclipse.core.decoder_files import load_decoder_files
+    from lambda_eclipse.trainer.finetune_decoder import encode_concept, find_masks
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "cutouts").mkdir()
+    rgb = rng.integers(0, 255, (72, 88, 3), dtype=np.uint8)
+    mask = np.zeros((72, 88), np.uint8)
+    mask[10:60, 20:70] = 255
+    Image.fromarray(rgb).save(tmp_path / "photos" / "dog.png")
+    Image.fromarray(mask).save(tmp_path / "masks" / "dog.png")
+    Image.fromarray(np.dstack([rgb, mask]), "RGBA").save(tmp_path / "cutouts" / "dog.png")
+    decoder = load_decoder_files(tiny_models["decoder_unet"], tiny_models["decoder_movq"])
+    clip = load_clip_towers(vision=tiny_models["clip_vision"])
+    photo = tmp_path / "photos" / "dog.png"
+    masked = encode_concept([photo], decoder, clip, 64, find_masks([photo], tmp_path / "masks"))
+    cutout = encode_concept([tmp_path / "cutouts" / "dog.png"], decoder, clip, 64)
+    whole = encode_concept([photo], decoder, clip, 64)
+    assert torch.allclose(masked[0], cutout[0], atol=1e-5) and torch.allclose(masked[1], cutout[1], atol=1e-5)
+    assert not torch.allclose(masked[0], whole[0], atol=1e-3)
+    # No mask named after any photo: said before any model loads.
+    (tmp_path / "other").mkdir()
+    Image.fromarray(mask).save(tmp_path / "other" / "cat.png")
+    assert main(_args(tiny_models, tmp_path / "photos", tmp_path / "o", "--steps", "1", "--masks",
+                      str(tmp_path / "other"))) == 2
+    assert "no mask named after any photo" in capsys.readouterr().err

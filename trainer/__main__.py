@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--clip-vision", help="bigG vision tower file (ComfyUI clip_vision_g.safetensors)")
     f.add_argument("--clip", help="OpenCLIP bigG folder/file holding the vision tower (instead of --clip-vision)")
     f.add_argument("--images", nargs="+", help="photos of the concept (3-5): files and/or folders; RGBA: the alpha cuts the subject out onto white")
+    f.add_argument("--masks", help="optional folder of masks named after the photos (MASKS/<photo stem>.png, white = subject): the subject is put on white, as the paper prepares subjects")
     f.add_argument("--out", help="run folder: concept_lora.safetensors, checkpoint/, metrics.csv")
     f.add_argument("--steps", type=int, default=400, help="optimizer steps")
     f.add_argument("--rank", type=int, default=4, help="LoRA rank")

@@ -42,13 +42,15 @@ LORA_FILE = "concept_lora.safetensors"
 FULL_FILE = "concept_unet.safetensors"
 CHECKPOINT = "checkpoint/state.pt"
 # Settings that must not change within one run (a resume with another value is refused).
-_FIXED = ("rank", "alpha", "lr", "batch_size", "resolution", "seed", "full", "uncond_prob", "weight_decay", "images")
+_FIXED = ("rank", "alpha", "lr", "batch_size", "resolution", "seed", "full", "uncond_prob", "weight_decay", "images",
+          "masks")
 
 
 @dataclass
 class FinetuneConfig:
     out: str
     images: list = field(default_factory=list)
+    masks: str | None = None  # folder of masks: MASKS/<photo stem>.png, white = subject
     decoder: str | None = None
     decoder_unet: str | None = None
     decoder_movq: str | None = None
@@ -127,14 +129,36 @@ def collect_images(entries) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
-def photo_pixels(image, resolution: int) -> torch.Tensor:
-    """PIL image (RGBA: subject composited on white) → [3, R, R] float32 in [−1, 1]: short side to R, centre crop."""
+def find_masks(paths, masks_dir) -> dict:
+    """photo path → its mask file MASKS/<photo stem>.<png|jpg|…> (white = subject); DataError when none matches."""
+    if not masks_dir:
+        return {}
+    folder = Path(masks_dir).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"--masks {folder}: no such folder (masks are MASKS/<photo stem>.png, white = subject).")
+    found = {}
+    for path in paths:
+        for suffix in IMAGE_SUFFIXES:
+            if (folder / f"{path.stem}{suffix}").is_file():
+                found[path] = folder / f"{path.stem}{suffix}"
+                break
+    if not found:
+        raise DataError(f"--masks {folder}: no mask named after any photo (expected e.g. {folder / (paths[0].stem + '.png')}).")
+    missing = [p.name for p in paths if p not in found]
+    if missing:
+        log.warning("No mask for %s: used whole (or by its alpha).", ", ".join(missing))
+    return found
+
+
+def photo_pixels(image, resolution: int, mask=None) -> torch.Tensor:
+    """PIL image (RGBA or with `mask`: subject composited on white) → [3, R, R] float32 in [−1, 1]: short side to
+    R, centre crop."""
     import numpy as np
     from PIL import Image
 
     from ..core.images import subject_on_white
 
-    pil, _ = subject_on_white(image)
+    pil, _ = subject_on_white(image, mask)
     w, h = pil.size
     s = resolution / min(w, h)
     nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
@@ -147,16 +171,19 @@ def photo_pixels(image, resolution: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_concept(paths, decoder, clip, resolution: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(latents [N,4,r,r], z_x [N,E], blank [E]) float32 on the CPU, computed once."""
+def encode_concept(paths, decoder, clip, resolution: int, masks: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents [N,4,r,r], z_x [N,E], blank [E]) float32 on the CPU, computed once. `masks`: photo path → mask
+    file (white = subject): the subject is put on white for the latents and cropped to for CLIP, as at inference."""
     from ..core.images import open_image
 
+    masks = masks or {}
     images = [open_image(p, what="concept photo") for p in paths]
-    pixels = torch.stack([photo_pixels(im, resolution) for im in images])
+    mask_images = [open_image(masks[p], what="mask") if p in masks else None for p in paths]
+    pixels = torch.stack([photo_pixels(im, resolution, m) for im, m in zip(images, mask_images)])
     movq = decoder.movq
     latents = torch.cat([movq.encode(pixels[i:i + 1].to(movq.device, movq.dtype)).latents.float().cpu()
                          for i in range(len(images))])
-    embeds = torch.stack([clip.encode_subject(im).float().cpu() for im in images])
+    embeds = torch.stack([clip.encode_subject(im, m).float().cpu() for im, m in zip(images, mask_images)])
     blank = clip.blank_embedding().float().cpu()
     if embeds.shape[-1] != decoder.embedding_dim:
         raise ConfigError(f"The CLIP gives {embeds.shape[-1]}-d image embeddings but the decoder expects "
@@ -378,6 +405,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             raise ResumeError(f"{ckpt_path} cannot be read ({str(exc)[:200]}); delete it to start over.") from exc
     paths = collect_images(cfg.images)
     cfg.images = [str(p.resolve()) for p in paths]
+    masks = find_masks(paths, cfg.masks)  # before any model loads
+    if cfg.masks:
+        cfg.masks = str(Path(cfg.masks).expanduser().resolve())
     if state is not None:
         old, new = state["config"], _fingerprint(cfg)
         diff = [f"{k}: {old.get(k)!r} → {new[k]!r}" for k in _FIXED if old.get(k) != new[k]]
@@ -400,7 +430,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         log.warning("--mixed-precision %s has no effect on %s (accelerate trains in fp32 there); "
                     "use --mixed-precision bf16 or no.", cfg.mixed_precision, device)
     decoder, clip = _load_models(cfg, device)
-    latents, embeds, blank = encode_concept(paths, decoder, clip, cfg.resolution)
+    latents, embeds, blank = encode_concept(paths, decoder, clip, cfg.resolution, masks)
     del clip
     image_names = [p.name for p in paths]
     log.info("%d concept photo(s) encoded: latents %s, embeddings %s", len(paths), list(latents.shape[1:]), embeds.shape[-1])
