@@ -1,1 +1,1 @@
-"""Evaluation as the paper measures it: Dreambench DINO / CLIP-I / CLIP-T (`python -m lambda_eclipse.evaluate`)."""
+"""Evaluation as the paper measures it: DINO / CLIP-I / CLIP-T on Dreambench and Multibench (`python -m lambda_eclipse.evaluate`)."""

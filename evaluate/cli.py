@@ -1,4 +1,4 @@
-"""`python -m lambda_eclipse.evaluate dreambench | compare`."""
+"""`python -m lambda_eclipse.evaluate dreambench | multibench | compare | download-metrics`."""
 
 from __future__ import annotations
 
@@ -40,81 +40,198 @@ class Processes:
             self.state.wait_for_everyone()
 
 
-def _scorer(args, device: str):
+def _log(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _metric_paths(args) -> tuple[str, str]:
+    """(DINO, evaluation CLIP) paths: --dino / --clip-eval, else the folders under --metric-models (fetched first
+    with --download). Resolved before generating, so a run does not fail for want of them hours later."""
+    from .metric_models import resolve_metric_models
+
+    return resolve_metric_models(args.dino, args.clip_eval, args.metric_models, download=args.download, log=_log)
+
+
+def _scorer(args, device: str, paths: tuple[str, str]):
     from .metrics import ClipEmbedder, DinoEmbedder, Scorer
 
-    for flag, value in (("--dino", args.dino), ("--clip-eval", args.clip_eval)):
-        if not value:
-            raise InputError(f"{flag} is needed to score: a local folder/file (see EVALUATION.md for the downloads).")
-    return Scorer(DinoEmbedder(args.dino, device=device, preprocess=args.dino_preprocess),
-                  ClipEmbedder(args.clip_eval, model_name=args.clip_eval_model, device=device))
+    dino, clip = paths
+    return Scorer(DinoEmbedder(dino, device=device, preprocess=args.dino_preprocess),
+                  ClipEmbedder(clip, model_name=args.clip_eval_model, device=device))
 
 
-def cmd_dreambench(args) -> int:
-    from ..core.cli import _device, _dtype, _model_paths
+def _check_generation(args) -> list[int]:
+    """Check the generation settings before anything is loaded; returns the seeds of a prompt's images."""
     from ..core.decoder import check_sampler
     from ..core.outputs import check_size
     from ..core.seeds import check_seed
-    from .dreambench import (generate_missing, load_dataset, plot_scores, score_images, shard, summary_markdown,
-                             work_items, write_scores, _write_text)
+
+    check_seed(args.seed, "--seed")
+    check_size(args.width, args.height)
+    check_sampler(args.sampler)
+    if args.steps < 1 or args.steps > 1000:
+        raise InputError(f"--steps must be between 1 and 1000; got {args.steps}.")
+    return [args.seed + i for i in range(args.images_per_prompt)]
+
+
+def _check_counts(args) -> None:
+    if not 1 <= args.images_per_prompt <= 64:
+        raise InputError(f"--images-per-prompt must be between 1 and 64; got {args.images_per_prompt}.")
+
+
+def _model_files(args, download: bool):
+    """The λ-ECLIPSE model files; with `download` (--download and --models) missing ones are fetched first,
+    as `generate --download` does."""
+    from ..core.cli import _model_paths
+
+    return _model_paths(argparse.Namespace(**{**vars(args), "download": download}))
+
+
+def _generate_stage(args, procs: Processes, device: str, missing: int, generate) -> None:
+    """Load the λ-ECLIPSE models and make this process's `missing` images with `generate(models)`. With
+    --download the main process fetches missing model files first, while the others wait."""
+    from ..core.cli import _dtype
+
+    fetch = bool(args.download and args.models)
+    paths = None
+    if fetch and procs.main and (missing or procs.count > 1):
+        paths = _model_files(args, download=True)
+    procs.wait()
+    if not missing:
+        print(f"process {procs.index + 1}/{procs.count}: every image exists; nothing to generate", file=sys.stderr)
+        return
+    from ..core.pipeline import load_models
+    from ..core.verify import check_loadable
+
+    paths = paths or _model_files(args, download=False)
+    check_loadable(paths)
+    models = load_models(paths, device=device, dtype=_dtype(args.dtype, device))
+    start = time.perf_counter()
+    made = generate(models)
+    print(f"process {procs.index + 1}/{procs.count}: generated {made} images in "
+          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def _generation_settings(args, seeds) -> dict:
+    return {"images per prompt": args.images_per_prompt, "seeds": f"{seeds[0]}…{seeds[-1]}", "sampler": args.sampler,
+            "steps": args.steps, "guidance": args.guidance, "size": f"{args.width}×{args.height}", "fit": args.fit,
+            "subject photo": f"photo #{args.reference} in name order"}
+
+
+def _device_for(args, procs: Processes) -> str:
+    from ..core.cli import _device
+
+    return str(procs.state.device) if procs.state is not None else _device(args.device)
+
+
+def cmd_dreambench(args) -> int:
+    from .dreambench import (generate_missing, load_dataset, means, missing_images, plot_scores, score_images, shard,
+                             summary_markdown, work_items, write_scores, _write_text)
 
     out = Path(args.out)
     images_dir = Path(args.images) if args.images else out / "images"
     if args.limit_prompts is not None and args.limit_prompts < 1:
         raise InputError(f"--limit-prompts must be 1 or more; got {args.limit_prompts}.")
-    if not 1 <= args.images_per_prompt <= 64:
-        raise InputError(f"--images-per-prompt must be between 1 and 64; got {args.images_per_prompt}.")
+    _check_counts(args)
+    seeds = None if args.score_only else _check_generation(args)
     subjects = load_dataset(args.dataset, args.subjects, args.masks)
     procs = Processes.detect()
-    device = str(procs.state.device) if procs.state is not None else _device(args.device)
-    settings = {"dataset": args.dataset, "subjects": len(subjects), "prompts per subject": args.limit_prompts or 25,
-                "dino": args.dino, "clip-eval": f"{args.clip_eval} ({args.clip_eval_model})",
-                "dino preprocessing": args.dino_preprocess}
+    device = _device_for(args, procs)
+    metric = _metric_paths(args) if procs.main else None
+    settings = {"dataset": args.dataset, "subjects": len(subjects), "prompts per subject": args.limit_prompts or 25}
+    if metric:
+        settings.update({"dino": metric[0], "clip-eval": f"{metric[1]} ({args.clip_eval_model})",
+                         "dino preprocessing": args.dino_preprocess})
     if not args.score_only:
-        check_seed(args.seed, "--seed")
-        check_size(args.width, args.height)
-        check_sampler(args.sampler)
-        if args.steps < 1 or args.steps > 1000:
-            raise InputError(f"--steps must be between 1 and 1000; got {args.steps}.")
-        seeds = [args.seed + i for i in range(args.images_per_prompt)]
         items = shard(work_items(subjects, args.limit_prompts), procs.index, procs.count)
-        from .dreambench import missing_images
-
-        todo = missing_images(items, images_dir, seeds)
-        made = 0
-        if todo:
-            from ..core.pipeline import load_models
-            from ..core.verify import check_loadable
-
-            paths = _model_paths(args)
-            check_loadable(paths)
-            models = load_models(paths, device=device, dtype=_dtype(args.dtype, device))
-            start = time.perf_counter()
-            made = generate_missing(models, subjects, items, images_dir, seeds, reference=args.reference,
-                                    steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
-                                    sampler=args.sampler, fit=args.fit, quiet=args.quiet)
-            print(f"process {procs.index + 1}/{procs.count}: generated {made} images in "
-                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
-        else:
-            print(f"process {procs.index + 1}/{procs.count}: every image exists; nothing to generate", file=sys.stderr)
-        settings.update({"images per prompt": args.images_per_prompt, "seeds": f"{seeds[0]}…{seeds[-1]}",
-                         "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
-                         "size": f"{args.width}×{args.height}", "fit": args.fit,
-                         "subject photo": f"photo #{args.reference} in name order"})
+        missing = sum(len(m) for _, m in missing_images(items, images_dir, seeds))
+        _generate_stage(args, procs, device, missing, lambda models: generate_missing(
+            models, subjects, items, images_dir, seeds, reference=args.reference, steps=args.steps,
+            guidance=args.guidance, width=args.width, height=args.height, sampler=args.sampler, fit=args.fit,
+            quiet=args.quiet))
+        settings.update(_generation_settings(args, seeds))
     procs.wait()
     if not procs.main:
         return 0
-    rows = score_images(_scorer(args, device), subjects, images_dir, args.limit_prompts, quiet=args.quiet)
+    rows = score_images(_scorer(args, device, metric), subjects, images_dir, args.limit_prompts, quiet=args.quiet)
     if not rows:
         raise InputError(f"No images to score under {images_dir} (expected <subject>/p<NN>_s<seed>.png).")
     write_scores(rows, out / "scores.csv")
     _write_text(out / "summary.md", summary_markdown(rows, settings))
     plot_scores(rows, out / "scores.png")
-    from .dreambench import means
-
     m = means(rows)
     print(json.dumps({k: round(v, 4) for k, v in m.items()}))
     print(f"wrote {out / 'scores.csv'}, {out / 'summary.md'}, {out / 'scores.png'} ({len(rows)} images)")
+    return 0
+
+
+def cmd_multibench(args) -> int:
+    from . import multibench as mb
+    from .common import means, shard, write_text
+
+    out = Path(args.out)
+    images_dir = Path(args.images) if args.images else out / "images"
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise InputError(f"--max-prompts must be 1 or more; got {args.max_prompts}.")
+    _check_counts(args)
+    counts = {"2": [2], "3": [3], "both": [2, 3]}[args.subjects_count]
+    generating = not (args.score_only or args.prompts_only)
+    seeds = _check_generation(args) if generating else None
+    pool = mb.subject_pool(args.dataset, args.subjects, args.masks, args.concepts or ())
+    procs = Processes.detect()
+    compositions, how = mb.compositions_for_run(out, pool, counts, args.max_prompts, args.composition_seed,
+                                                write=procs.main)
+    per_count = {n: sum(c.count == n for c in compositions) for n in counts}
+    print(f"{len(compositions)} compositions (" + ", ".join(f"{v} {mb.COUNT_NAMES[n]}-subject" for n, v in per_count.items())
+          + f"), {how}", file=sys.stderr)
+    unfillable = mb.unfillable_templates(pool, counts)
+    if unfillable:
+        print("no subject fits the template(s) " + "; ".join(unfillable) + " (add --concepts folders of the kinds "
+              "they need; see EVALUATION.md)", file=sys.stderr)
+    if args.prompts_only:
+        print(f"wrote {out / 'prompts.csv'}")
+        return 0
+    device = _device_for(args, procs)
+    metric = _metric_paths(args) if procs.main else None
+    settings = {"dataset": args.dataset or "(none)", "concepts": ", ".join(args.concepts or []) or "(none)",
+                "subjects": f"{len(pool)} ({sum(s.source == 'concept' for s in pool)} from concept folders)",
+                "compositions": f"{len(compositions)}, {how}", "subjects per prompt": args.subjects_count,
+                "max prompts per subject count": args.max_prompts or "the paper's (904 / 1476)",
+                "composition seed": args.composition_seed}
+    if metric:
+        settings.update({"dino": metric[0], "clip-eval": f"{metric[1]} ({args.clip_eval_model})",
+                         "dino preprocessing": args.dino_preprocess})
+    if generating:
+        mine = shard(compositions, procs.index, procs.count)
+        missing = sum(len(m) for _, m in mb.missing_images(mine, images_dir, seeds))
+        _generate_stage(args, procs, device, missing, lambda models: mb.generate_missing(
+            models, pool, mine, images_dir, seeds, reference=args.reference, steps=args.steps, guidance=args.guidance,
+            width=args.width, height=args.height, sampler=args.sampler, fit=args.fit, quiet=args.quiet))
+        settings.update(_generation_settings(args, seeds))
+    procs.wait()
+    if not procs.main:
+        return 0
+    rows = mb.score_images(_scorer(args, device, metric), pool, compositions, images_dir, quiet=args.quiet)
+    if not rows:
+        raise InputError(f"No images to score under {images_dir} (expected two/<id>_s<seed>.png and "
+                         f"three/<id>_s<seed>.png for the ids in {out / 'prompts.csv'}).")
+    mb.write_scores(rows, out / "scores.csv")
+    write_text(out / "summary.md", mb.summary_markdown(rows, compositions, settings, unfillable))
+    mb.plot_scores(rows, compositions, out / "scores.png")
+    result = {mb.COUNT_NAMES[n]: {k: round(v, 4) for k, v in means([r for r in rows if r["count"] == n]).items()}
+              for n in counts if any(r["count"] == n for r in rows)}
+    print(json.dumps(result))
+    print(f"wrote {out / 'scores.csv'}, {out / 'summary.md'}, {out / 'scores.png'} ({len(rows)} images)")
+    return 0
+
+
+def cmd_download_metrics(args) -> int:
+    from .metric_models import download_metric_models, folders
+
+    download_metric_models(args.metric_models, only=None if args.only == "all" else [args.only], log=print)
+    paths = folders(args.metric_models)
+    print(f"metric models in {args.metric_models}: pass --metric-models {args.metric_models} "
+          f"(= --dino {paths['dino']} --clip-eval {paths['clip']})")
     return 0
 
 
@@ -130,11 +247,46 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_metric_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("metric models (local files; fetched only with --download)")
+    g.add_argument("--metric-models", metavar="DIR", help="a folder with dino-vits16/ and clip-vit-b-32-openai/ (the "
+                   "layout `download-metrics` writes): the default of --dino and --clip-eval")
+    g.add_argument("--download", action="store_true", help="first fetch what is missing from the Hugging Face hub: "
+                   "the metric models into --metric-models and, when generating, the λ-ECLIPSE models into --models "
+                   "(nothing is ever downloaded without this flag)")
+    g.add_argument("--dino", help="DINO ViT-S/16: transformers facebook/dino-vits16 folder (or a timm folder)")
+    g.add_argument("--dino-preprocess", choices=["crop", "processor"], default="crop",
+                   help="crop: resize 256 + centre crop 224 (community protocol, default); processor: the HF processor's 224×224 resize")
+    g.add_argument("--clip-eval", help="evaluation CLIP: an OpenCLIP folder, or a weights file of --clip-eval-model")
+    g.add_argument("--clip-eval-model", default="ViT-B-32-quickgelu", help="OpenCLIP config of a --clip-eval weights "
+                   "file (default: OpenAI's ViT-B/32, the metric's CLIP, which uses QuickGELU; e.g. ViT-B-32 for a "
+                   "LAION ViT-B/32 file; not used for a folder)")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
     from ..core.cli import _add_model_args
 
+    p.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt: seeds SEED … SEED+N−1 (paper: 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference", type=int, default=0, help="which photo (in name order) is the subject image")
+    p.add_argument("--masks", help="optional masks folder for Dreambench subjects: MASKS/<subject>/<photo stem>.png "
+                   "(segment on white)")
+    p.add_argument("--score-only", action="store_true", help="generate nothing: score the images already there")
+    _add_metric_args(p)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", default="ddpm")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--fit", choices=["crop", "pad"], default="crop")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_model_args(p, download=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lambda_eclipse.evaluate",
-                                     description="λ-ECLIPSE evaluation: Dreambench DINO / CLIP-I / CLIP-T (paper Table 2).")
+                                     description="λ-ECLIPSE evaluation: DINO / CLIP-I / CLIP-T on Dreambench (paper "
+                                     "Table 2) and Multibench (Table 4).")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -144,25 +296,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--images", help="image folder (default OUT/images): <subject>/p<NN>_s<seed>.png")
     d.add_argument("--subjects", nargs="+", help="only these subjects (default: all 30)")
     d.add_argument("--limit-prompts", type=int, help="only the first N prompts of each subject (default: all 25)")
-    d.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt: seeds SEED … SEED+N−1 (paper: 4)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--reference", type=int, default=0, help="which photo (in name order) is the subject image")
-    d.add_argument("--masks", help="optional masks folder: MASKS/<subject>/<photo stem>.png (segment on white)")
-    d.add_argument("--score-only", action="store_true", help="generate nothing: score the images already there")
-    d.add_argument("--dino", help="DINO ViT-S/16: transformers facebook/dino-vits16 folder (or a timm folder)")
-    d.add_argument("--dino-preprocess", choices=["crop", "processor"], default="crop",
-                   help="crop: resize 256 + centre crop 224 (community protocol, default); processor: the HF processor's 224×224 resize")
-    d.add_argument("--clip-eval", help="evaluation CLIP: an OpenCLIP folder, or a weights file of --clip-eval-model")
-    d.add_argument("--clip-eval-model", default="ViT-B-32", help="OpenCLIP config of a --clip-eval weights file")
-    d.add_argument("--steps", type=int, default=50)
-    d.add_argument("--sampler", default="ddpm")
-    d.add_argument("--guidance", type=float, default=7.5)
-    d.add_argument("--width", type=int, default=512)
-    d.add_argument("--height", type=int, default=512)
-    d.add_argument("--fit", choices=["crop", "pad"], default="crop")
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_model_args(d, download=False)
+    _add_run_args(d)
     d.set_defaults(func=cmd_dreambench)
+
+    m = sub.add_parser(
+        "multibench", help="two- and three-subject prompts (paper Table 4): sample, generate, score",
+        description="Multibench as the paper measures it: the Table 8 templates filled with Dreambench subjects and "
+        "concept folders of your own, four images per prompt, DINO / CLIP-I per subject and CLIP-T. The paper's "
+        "subject pairings and its extra concepts (parks, hats, glasses, …) are not public: the compositions are "
+        "sampled here (reproducibly, OUT/prompts.csv) and the numbers are not exactly the paper's.")
+    m.add_argument("--dataset", help="google/dreambooth's dataset/ folder (its 30 subjects)")
+    m.add_argument("--concepts", nargs="+", metavar="DIR", help="extra concept folders: DIR/concept.json "
+                   '({"class": "hat", "kind": "wearable"}; kinds live, object, wearable, place) + photos, or a folder '
+                   "of such folders")
+    m.add_argument("--out", required=True, help="run folder: prompts.csv, prompts.json, images/, scores.csv, summary.md, scores.png")
+    m.add_argument("--images", help="image folder (default OUT/images): two|three/<composition id>_s<seed>.png")
+    m.add_argument("--subjects", nargs="+", help="only these Dreambench subjects (default: all)")
+    m.add_argument("--subjects-count", choices=["2", "3", "both"], default="both", help="two-subject, three-subject or both")
+    m.add_argument("--max-prompts", type=int, help="at most N compositions per subject count (default: the paper's "
+                   "904 two- and 1476 three-subject prompts, or as many as the subjects allow)")
+    m.add_argument("--composition-seed", type=int, default=0, help="seed of the composition sampling (independent of "
+                   "--seed, so runs with other image seeds share their prompts)")
+    m.add_argument("--prompts-only", action="store_true", help="write OUT/prompts.csv and stop (to make the images "
+                   "with another tool, then score them with --score-only)")
+    _add_run_args(m)
+    m.set_defaults(func=cmd_multibench)
 
     c = sub.add_parser("compare", help="two runs' scores side by side with bootstrap 95%% intervals")
     c.add_argument("a", help="run folder or scores.csv")
@@ -171,6 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     c.add_argument("--out", help="also write the table (markdown) here")
     c.set_defaults(func=cmd_compare)
+
+    dm = sub.add_parser("download-metrics", help="fetch DINO ViT-S/16 and CLIP ViT-B/32 into a folder (verified)",
+                        description="Download facebook/dino-vits16 and timm/vit_base_patch32_clip_224.openai from the "
+                        "Hugging Face hub (evaluate/metric_models.json) through the pack's downloader: files in place "
+                        "are checked and skipped; HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE are honoured.")
+    dm.add_argument("--metric-models", "--to", dest="metric_models", required=True, metavar="DIR",
+                    help="the folder to fetch into (then pass --metric-models DIR to dreambench / multibench)")
+    dm.add_argument("--only", choices=["dino", "clip", "all"], default="all")
+    dm.set_defaults(func=cmd_download_metrics)
     return parser
 
 

@@ -1,7 +1,8 @@
 """Two runs side by side: means, differences (B − A) and a bootstrap 95% interval of each difference.
 
-Rows are paired by (subject, prompt, seed) when the runs share them (a paired bootstrap over the shared
-images); otherwise each run is resampled on its own (an unpaired bootstrap of the difference of means).
+Rows are paired by (subject, prompt, seed) — for Multibench (subjects, prompt, seed) — when the runs share them
+(a paired bootstrap over the shared images); otherwise each run is resampled on its own (an unpaired bootstrap of
+the difference of means). Multibench runs get one table per subject count, as the paper's Table 4 reports them.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from typing import Sequence
 
 import numpy as np
 
-from .dreambench import means, read_scores
+from .common import DatasetError, benchmark_of, means, read_scores
 from .metrics import LABELS, METRICS
 
 
 def _key(row: dict) -> tuple:
-    return row["subject"], row["prompt"], int(row["seed"])
+    return row.get("subjects", row.get("subject")), row["prompt"], int(row["seed"])
 
 
 def bootstrap_difference(a: Sequence[float], b: Sequence[float], paired: bool, samples: int = 2000,
@@ -37,6 +38,8 @@ def bootstrap_difference(a: Sequence[float], b: Sequence[float], paired: bool, s
 
 
 def compare_rows(rows_a: Sequence[dict], rows_b: Sequence[dict], samples: int = 2000, seed: int = 0) -> dict:
+    if not rows_a or not rows_b:
+        raise DatasetError(f"Nothing to compare: run {'A' if not rows_a else 'B'} has no scored images.")
     by_a = {_key(r): r for r in rows_a}
     by_b = {_key(r): r for r in rows_b}
     shared = sorted(set(by_a) & set(by_b))
@@ -54,8 +57,8 @@ def compare_rows(rows_a: Sequence[dict], rows_b: Sequence[dict], samples: int = 
 
 
 def compare_markdown(result: dict, name_a: str = "A", name_b: str = "B") -> str:
-    how = (f"paired over the {result['shared']} images both runs share (subject, prompt, seed)"
-           if result["paired"] else "unpaired (the runs share no subject/prompt/seed)")
+    how = (f"paired over the {result['shared']} images both runs share (subject(s), prompt, seed)"
+           if result["paired"] else "unpaired (the runs share no subject(s)/prompt/seed)")
     lines = [f"| metric | {name_a} | {name_b} | {name_b} − {name_a} | 95% interval |", "|---|---:|---:|---:|---:|"]
     for k, m in result["metrics"].items():
         lines.append(f"| {LABELS[k]} | {m['a']:.4f} | {m['b']:.4f} | {m['diff']:+.4f} | [{m['low']:+.4f}, {m['high']:+.4f}] |")
@@ -66,4 +69,21 @@ def compare_markdown(result: dict, name_a: str = "A", name_b: str = "B") -> str:
 
 
 def compare_runs(a, b, samples: int = 2000, seed: int = 0) -> str:
-    return compare_markdown(compare_rows(read_scores(a), read_scores(b), samples, seed), str(a), str(b))
+    rows_a, rows_b = read_scores(a), read_scores(b)
+    kinds = benchmark_of(rows_a), benchmark_of(rows_b)
+    if kinds[0] != kinds[1]:
+        raise DatasetError(f"{a} is a {kinds[0]} run and {b} a {kinds[1]} run: compare runs of the same benchmark.")
+    if kinds[0] == "dreambench":
+        return compare_markdown(compare_rows(rows_a, rows_b, samples, seed), str(a), str(b))
+    from .multibench import COUNT_NAMES
+
+    parts = []
+    for n in sorted({r["count"] for r in rows_a} | {r["count"] for r in rows_b}):
+        mine_a, mine_b = [r for r in rows_a if r["count"] == n], [r for r in rows_b if r["count"] == n]
+        parts.append(f"### {COUNT_NAMES.get(n, n)} subjects\n\n")
+        if not mine_a or not mine_b:
+            parts.append(f"Only {a if mine_a else b} has {COUNT_NAMES.get(n, n)}-subject images.\n")
+        else:
+            parts.append(compare_markdown(compare_rows(mine_a, mine_b, samples, seed), str(a), str(b)))
+        parts.append("\n")
+    return "".join(parts).rstrip("\n") + "\n"

@@ -14,24 +14,22 @@ that layout can be scored with `--score-only`.
 
 from __future__ import annotations
 
-import csv
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .metrics import LABELS, METRICS, PAPER
+from .common import (DREAMBENCH_FIELDS, PHOTO_SUFFIXES, DatasetError, GenerationJob, generate_jobs, means,  # noqa: F401
+                     photos_in, plot_groups, progress_bar, read_scores, shard, write_csv, write_text)
+from .metrics import METRICS, PAPER
 
 LIVE_CLASSES = frozenset({"cat", "dog"})
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 IMAGE_NAME = re.compile(r"^p(\d+)_s(\d+)\.(png|jpg|jpeg|webp)$", re.IGNORECASE)
-CSV_FIELDS = ("subject", "prompt", "seed", "image", "dino", "clip_i", "clip_t")
+CSV_FIELDS = DREAMBENCH_FIELDS
 _TEMPLATE = re.compile(r"""^\s*(['"])(.*)\1\s*\.format\(\s*unique_token\s*,\s*class_token\s*\)\s*,?\s*$""")
-
-
-class DatasetError(ValueError):
-    """The Dreambench folder is not in the expected layout (says what was found)."""
+# DatasetError, means, read_scores, shard and PHOTO_SUFFIXES are also reached through this module (common.py
+# holds them for Multibench too); _bar and _write_text are their old names here.
+_bar, _write_text = progress_bar, write_text
 
 
 @dataclass
@@ -103,7 +101,7 @@ def load_dataset(dataset, subjects: Sequence[str] | None = None, masks=None) -> 
     out = []
     for name in names:
         folder = dataset / name
-        photos = sorted(p for p in folder.glob("*") if p.suffix.lower() in PHOTO_SUFFIXES) if folder.is_dir() else []
+        photos = photos_in(folder)
         if not photos:
             raise DatasetError(f"{folder}: no photos of '{name}' (expected {folder}/*.jpg).")
         found_masks = {}
@@ -132,13 +130,6 @@ def work_items(subjects: Sequence[DreamSubject], limit_prompts: int | None = Non
     return items
 
 
-def shard(items: Sequence, index: int, count: int) -> list:
-    """This process's share: every count-th item from `index` (disjoint, covering, balanced within one item)."""
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"process {index} of {count}: the index must be in 0 … count−1.")
-    return list(items[index::count])
-
-
 def image_path(images_dir, subject: str, index: int, seed: int) -> Path:
     return Path(images_dir) / subject / f"p{index:02d}_s{seed}.png"
 
@@ -159,46 +150,18 @@ def generate_missing(models, subjects: Sequence[DreamSubject], items: Sequence[W
                      sampler: str = "ddpm", fit: str = "crop", quiet: bool = False) -> int:
     """Generate every missing image of `items`; returns how many were written. One image per seed: image i of a
     prompt uses seed i, the same pixels whether it is made alone or in a batch (core.pipeline's seed rule)."""
-    from ..core.cli import save_images
-    from ..core.pipeline import SubjectInput, generate
+    from ..core.pipeline import SubjectInput
 
     by_name = {s.name: s for s in subjects}
-    todo = missing_images(items, images_dir, seeds)
-    total = sum(len(m) for _, m in todo)
-    bar = _bar(total, "generate", quiet)
-    written = 0
-    for item, missing in todo:
+    jobs = []
+    for item, missing in missing_images(items, images_dir, seeds):
         s = by_name[item.subject]
         photo = s.photos[min(reference, len(s.photos) - 1)]
         subject = SubjectInput(s.cls, str(photo), str(s.masks[photo.name]) if photo.name in s.masks else None)
-        result = generate(models, item.prompt, [subject], seed=list(missing), batch=len(missing), steps=steps,
-                          guidance=guidance, width=width, height=height, fit=fit, sampler=sampler)
-        for seed, image in zip(missing, result.images):
-            path = image_path(images_dir, item.subject, item.index, seed)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_images(image[None], path)
-            written += 1
-        bar.update(len(missing))
-    bar.close()
-    return written
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(total: int, desc: str, quiet: bool):
-    if quiet or total == 0:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)  # tqdm shows the ETA
+        jobs.append(GenerationJob(item.prompt, [subject],
+                                  {seed: image_path(images_dir, item.subject, item.index, seed) for seed in missing}))
+    return generate_jobs(models, jobs, steps=steps, guidance=guidance, width=width, height=height, sampler=sampler,
+                         fit=fit, quiet=quiet)
 
 
 def find_images(images_dir, subjects: Sequence[DreamSubject], limit_prompts: int | None = None) -> list[tuple[DreamSubject, int, int, Path]]:
@@ -238,46 +201,7 @@ def score_images(scorer, subjects: Sequence[DreamSubject], images_dir, limit_pro
 
 
 def write_scores(rows: Sequence[dict], path) -> Path:
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{row[k]:.6f}" if k in METRICS else row[k]) for k in CSV_FIELDS})
-    return _write_text(path, buf.getvalue())
-
-
-def _write_text(path, text: str) -> Path:
-    """Write via a temporary file and rename: a stopped run never leaves half a file."""
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def read_scores(path) -> list[dict]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "scores.csv"
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    missing = [k for k in CSV_FIELDS if rows and k not in rows[0]]
-    if missing:
-        raise DatasetError(f"{path}: not a scores.csv (missing columns {', '.join(missing)}).")
-    for row in rows:
-        for k in METRICS:
-            row[k] = float(row[k])
-        row["seed"] = int(row["seed"])
-    return rows
-
-
-def means(rows: Sequence[dict]) -> dict[str, float]:
-    return {k: (sum(r[k] for r in rows) / len(rows) if rows else math.nan) for k in METRICS}
+    return write_csv(rows, CSV_FIELDS, path)
 
 
 def per_subject(rows: Sequence[dict]) -> dict[str, list[dict]]:
@@ -309,38 +233,4 @@ def summary_markdown(rows: Sequence[dict], settings: dict[str, object] | None = 
 
 def plot_scores(rows: Sequence[dict], path) -> Path:
     """Per-subject distributions (one dot per image, a bar at the mean) of the three metrics, drawn with PIL."""
-    from PIL import Image, ImageDraw
-
-    groups = sorted(per_subject(rows).items())
-    label_w, panel_w, row_h, top, pad = 150, 260, 18, 40, 12
-    width = label_w + len(METRICS) * (panel_w + pad) + pad
-    height = top + max(1, len(groups)) * row_h + 30
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    for col, metric in enumerate(METRICS):
-        values = [r[metric] for r in rows] + [PAPER[metric]]
-        lo, hi = min(values), max(values)
-        lo, hi = (lo - 0.05, hi + 0.05) if hi - lo < 1e-6 else (lo - 0.02 * (hi - lo), hi + 0.02 * (hi - lo))
-        x0 = label_w + pad + col * (panel_w + pad)
-
-        def x(v):
-            return x0 + (v - lo) / (hi - lo) * panel_w
-
-        draw.text((x0, 6), f"{LABELS[metric]}  (paper {PAPER[metric]:.3f}: dashed)", fill="black")
-        draw.rectangle((x0, top - 4, x0 + panel_w, height - 26), outline="grey")
-        px = x(PAPER[metric])
-        for yy in range(top - 4, height - 26, 6):
-            draw.line((px, yy, px, yy + 3), fill="red")
-        draw.text((x0, height - 22), f"{lo:.2f}", fill="grey")
-        draw.text((x0 + panel_w - 30, height - 22), f"{hi:.2f}", fill="grey")
-        for i, (name, group) in enumerate(groups):
-            y = top + i * row_h + row_h // 2
-            if col == 0:
-                draw.text((pad, y - 6), name[:22], fill="black")
-            for r in group:
-                draw.ellipse((x(r[metric]) - 2, y - 2, x(r[metric]) + 2, y + 2), fill=(70, 110, 200))
-            mx = x(means(group)[metric])
-            draw.line((mx, y - 7, mx, y + 7), fill="black", width=2)
-    from ..core.outputs import save_image_atomic
-
-    return save_image_atomic(img, Path(path))
+    return plot_groups([(name, group, PAPER) for name, group in sorted(per_subject(rows).items())], path)

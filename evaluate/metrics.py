@@ -1,4 +1,4 @@
-"""The Dreambench metrics as DreamBooth / BLIP-Diffusion / λ-ECLIPSE (Table 2) measure them.
+"""The Dreambench metrics as DreamBooth / BLIP-Diffusion / λ-ECLIPSE (Tables 2 and 4) measure them.
 
 * DINO   — cosine of the CLS features of DINO ViT-S/16 between a generated image and a real photo of the concept.
 * CLIP-I — cosine of the CLIP (ViT-B/32) image embeddings between a generated image and a real photo.
@@ -6,15 +6,18 @@
 
 A generated image's DINO and CLIP-I are its mean over every real photo of its subject; the run's score is the
 mean over every generated image (= the mean over every (generated, real) pair, every subject having the same
-photos for all its images).
+photos for all its images). An image with several subjects (Multibench) gets each subject's score against that
+subject's own photos, averaged over its subjects (`Scorer.score_multi`).
 
-Models load from local files only (nothing is downloaded):
+Models load from local files (nothing is downloaded here; `--metric-models DIR --download` or `evaluate
+download-metrics` fetch the two below into DIR first, see metric_models.py):
   DINO: a transformers folder in the `facebook/dino-vits16` layout (config.json + weights, `ViTModel`, the CLS
         token of `last_hidden_state`), or — when `timm` is installed — a timm folder (config.json with
         "architecture", e.g. `timm/vit_small_patch16_224.dino`, + model.safetensors / pytorch_model.bin).
   CLIP: an OpenCLIP folder (open_clip_config.json + open_clip_model.safetensors / open_clip_pytorch_model.bin,
         the `laion/…` / `timm/…` hub layout) or a single weights file of a named OpenCLIP config (default
-        ViT-B-32, e.g. the openai ViT-B-32 checkpoint), loaded by open_clip's own create_model_and_transforms.
+        ViT-B-32; OpenAI's ViT-B/32 weights need ViT-B-32-quickgelu, as they were trained with QuickGELU — a
+        hub folder's open_clip_config.json says so itself), loaded by open_clip's create_model_and_transforms.
 """
 
 from __future__ import annotations
@@ -130,7 +133,7 @@ class DinoEmbedder:
 class ClipEmbedder:
     """OpenCLIP image and text embeddings from a local folder or a weights file of a named config."""
 
-    def __init__(self, path, model_name: str = "ViT-B-32", device: str = "cpu"):
+    def __init__(self, path, model_name: str = "ViT-B-32-quickgelu", device: str = "cpu"):
         import open_clip
 
         path = Path(path).expanduser()
@@ -194,6 +197,23 @@ class Scorer:
         real_dino, real_clip = self.reals(real_key, real_images)
         return per_image_scores(self.dino_embed(generated), self.clip_image_embed(generated),
                                 self.clip_text_embed(prompts), real_dino, real_clip)
+
+    def score_multi(self, generated, prompts: Sequence[str],
+                    subjects: Sequence[Sequence[tuple[str, Sequence]]]) -> list[dict[str, float]]:
+        """Images with several subjects (Multibench): `subjects[i]` is image i's (key, real photos) per subject.
+        dino / clip_i are each subject's score against its own photos, averaged over the image's subjects; clip_t
+        is against the prompt. Every image and every subject's photos are embedded once."""
+        gen_dino, gen_clip = self.dino_embed(generated), self.clip_image_embed(generated)
+        text = self.clip_text_embed(prompts)
+        out = []
+        for i, own in enumerate(subjects):
+            if not own:
+                raise ValueError(f"image {i} has no subject to score against")
+            per = [per_image_scores(gen_dino[i:i + 1], gen_clip[i:i + 1], text[i:i + 1], *self.reals(key, photos))[0]
+                   for key, photos in own]
+            out.append({"dino": sum(p["dino"] for p in per) / len(per),
+                        "clip_i": sum(p["clip_i"] for p in per) / len(per), "clip_t": per[0]["clip_t"]})
+        return out
 
 
 def per_image_scores(gen_dino, gen_clip, text, real_dino, real_clip) -> list[dict[str, float]]:

@@ -12,8 +12,9 @@ from .metrics import IMAGENET_MEAN, IMAGENET_STD
 TINY_EVAL_CLIP_NAME = "tiny-eval-clip"
 
 
-def write_tiny_dino(folder, seed: int = 0) -> Path:
-    """A transformers ViTModel folder (save_pretrained) + preprocessor_config.json, as facebook/dino-vits16 ships."""
+def write_tiny_dino(folder, seed: int = 0, weights: str = "safetensors") -> Path:
+    """A transformers ViTModel folder (save_pretrained) + preprocessor_config.json, as facebook/dino-vits16 ships.
+    weights="bin": the weights as pytorch_model.bin (a torch.save state dict), the file that repository's main has."""
     from transformers import ViTConfig, ViTModel
 
     folder = Path(folder)
@@ -23,6 +24,11 @@ def write_tiny_dino(folder, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         model = ViTModel(config, add_pooling_layer=False)
     model.save_pretrained(str(folder))
+    if weights == "bin":
+        (folder / "model.safetensors").unlink()
+        torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "pytorch_model.bin")
+    elif weights != "safetensors":
+        raise ValueError(f"weights must be 'safetensors' or 'bin', got {weights!r}")
     (folder / "preprocessor_config.json").write_text(json.dumps({
         "do_normalize": True, "do_resize": True, "image_processor_type": "ViTImageProcessor",
         "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "resample": 2, "size": 224,
