@@ -48,8 +48,11 @@ def _metric_paths(args) -> tuple[str, str]:
     """(DINO, evaluation CLIP) paths: --dino / --clip-eval, else the folders under --metric-models (fetched first
     with --download). Resolved before generating, so a run does not fail for want of them hours later."""
     from .metric_models import resolve_metric_models
+    from .metrics import check_clip_eval
 
-    return resolve_metric_models(args.dino, args.clip_eval, args.metric_models, download=args.download, log=_log)
+    dino, clip = resolve_metric_models(args.dino, args.clip_eval, args.metric_models, download=args.download, log=_log)
+    check_clip_eval(clip, args.clip_eval_model)
+    return dino, clip
 
 
 def _scorer(args, device: str, paths: tuple[str, str]):

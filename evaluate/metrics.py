@@ -130,6 +130,23 @@ class DinoEmbedder:
         return torch.cat(out) if out else torch.zeros(0, 0)
 
 
+def check_clip_eval(path, model_name: str) -> None:
+    """What ClipEmbedder would refuse, found without loading any weights (run before hours of generation)."""
+    import open_clip
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not (path / "open_clip_config.json").is_file():
+            raise MetricModelError(f"--clip-eval {path}: an OpenCLIP folder needs open_clip_config.json "
+                                   "(the hub layout), or give the weights file and --clip-eval-model.")
+    elif path.is_file():
+        if open_clip.get_model_config(model_name) is None:
+            raise MetricModelError(f"--clip-eval-model {model_name!r} is not an OpenCLIP config "
+                                   f"(e.g. ViT-B-32-quickgelu, ViT-B-32, ViT-L-14; see open_clip.list_models()).")
+    else:
+        raise MetricModelError(f"--clip-eval {path} does not exist.")
+
+
 class ClipEmbedder:
     """OpenCLIP image and text embeddings from a local folder or a weights file of a named config."""
 
@@ -137,20 +154,13 @@ class ClipEmbedder:
         import open_clip
 
         path = Path(path).expanduser()
+        check_clip_eval(path, model_name)
         if path.is_dir():
-            if not (path / "open_clip_config.json").is_file():
-                raise MetricModelError(f"--clip-eval {path}: an OpenCLIP folder needs open_clip_config.json "
-                                       "(the hub layout), or give the weights file and --clip-eval-model.")
             name = f"local-dir:{path}"
             self.model, _, self.transform = open_clip.create_model_and_transforms(name, device=device)
-        elif path.is_file():
-            name = model_name
-            if open_clip.get_model_config(name) is None:
-                raise MetricModelError(f"--clip-eval-model {name!r} is not an OpenCLIP config "
-                                       f"(e.g. ViT-B-32, ViT-L-14; see open_clip.list_models()).")
-            self.model, _, self.transform = open_clip.create_model_and_transforms(name, pretrained=str(path), device=device)
         else:
-            raise MetricModelError(f"--clip-eval {path} does not exist.")
+            name = model_name
+            self.model, _, self.transform = open_clip.create_model_and_transforms(name, pretrained=str(path), device=device)
         self.tokenizer = open_clip.get_tokenizer(name)
         self.model = self.model.eval().float()
         self.device = device
