@@ -170,25 +170,51 @@ def photo_pixels(image, resolution: int, mask=None) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
-@torch.no_grad()
-def encode_concept(paths, decoder, clip, resolution: int, masks: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(latents [N,4,r,r], z_x [N,E], blank [E]) float32 on the CPU, computed once. `masks`: photo path → mask
-    file (white = subject): the subject is put on white for the latents and cropped to for CLIP, as at inference."""
+def open_photos(paths, masks: dict | None = None) -> list[tuple]:
+    """[(photo, mask or None)] decoded once; `masks`: photo path → mask file (white = subject)."""
     from ..core.images import open_image
 
     masks = masks or {}
-    images = [open_image(p, what="concept photo") for p in paths]
-    mask_images = [open_image(masks[p], what="mask") if p in masks else None for p in paths]
-    pixels = torch.stack([photo_pixels(im, resolution, m) for im, m in zip(images, mask_images)])
+    return [(open_image(p, what="concept photo"), open_image(masks[p], what="mask") if p in masks else None)
+            for p in paths]
+
+
+@torch.no_grad()
+def concept_embeddings(photos, clip) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_x [N,E], blank [E]) float32 on the CPU: each photo as Encode Subject encodes it (cropped to its mask)."""
+    embeds = torch.stack([clip.encode_subject(im, m).float().cpu() for im, m in photos])
+    return embeds, clip.blank_embedding().float().cpu()
+
+
+@torch.no_grad()
+def concept_latents(photos, decoder, resolution: int) -> torch.Tensor:
+    """[N,4,r,r] float32 on the CPU: the MoVQ latents of the photos on white, computed in fp32 (with the MoVQ's
+    weights as loaded: bf16-rounded when the decoder was loaded in bf16 for a mixed-precision LoRA)."""
     movq = decoder.movq
-    latents = torch.cat([movq.encode(pixels[i:i + 1].to(movq.device, movq.dtype)).latents.float().cpu()
-                         for i in range(len(images))])
-    embeds = torch.stack([clip.encode_subject(im, m).float().cpu() for im, m in zip(images, mask_images)])
-    blank = clip.blank_embedding().float().cpu()
+    dtype = movq.dtype
+    movq.to(torch.float32)
+    try:
+        pixels = torch.stack([photo_pixels(im, resolution, m) for im, m in photos])
+        latents = torch.cat([movq.encode(pixels[i:i + 1].to(movq.device)).latents.float().cpu()
+                             for i in range(len(photos))])
+    finally:
+        movq.to(dtype)
+    return latents.contiguous()
+
+
+def check_embedding_dim(embeds, decoder):
     if embeds.shape[-1] != decoder.embedding_dim:
         raise ConfigError(f"The CLIP gives {embeds.shape[-1]}-d image embeddings but the decoder expects "
                           f"{decoder.embedding_dim}-d: use the bigG vision tower the decoder was trained with.")
-    return latents.contiguous(), embeds, blank
+
+
+def encode_concept(paths, decoder, clip, resolution: int, masks: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents [N,4,r,r], z_x [N,E], blank [E]) float32 on the CPU, computed once. `masks`: photo path → mask
+    file (white = subject): the subject is put on white for the latents and cropped to for CLIP, as at inference."""
+    photos = open_photos(paths, masks)
+    embeds, blank = concept_embeddings(photos, clip)
+    check_embedding_dim(embeds, decoder)
+    return concept_latents(photos, decoder, resolution), embeds, blank
 
 
 # -- model ---------------------------------------------------------------------------------------------------
@@ -236,16 +262,28 @@ def diffusion_loss(unet, latents, embeds, timesteps, noise, noise_scheduler) -> 
     return torch.nn.functional.mse_loss(eps.float(), noise.float())
 
 
-def _load_models(cfg: FinetuneConfig, device):
+def _load_clip(cfg: FinetuneConfig, device):
+    """The bigG vision tower, in the precision `generate` uses on this device (bf16/fp16 on CUDA, else fp32)."""
+    from ..core.cli import _dtype
     from ..core.clip import load_clip_towers
+
+    return load_clip_towers(vision=cfg.clip_vision or cfg.clip, device=device, dtype=_dtype("auto", str(device)))
+
+
+def _load_decoder(cfg: FinetuneConfig, device, dtype):
     from ..core.decoder_files import load_decoder, load_decoder_files
 
     if cfg.decoder:
-        decoder = load_decoder(cfg.decoder, device=device)
-    else:
-        decoder = load_decoder_files(cfg.decoder_unet, cfg.decoder_movq, device=device)
-    clip = load_clip_towers(vision=cfg.clip_vision or cfg.clip, device=device)
-    return decoder, clip
+        return load_decoder(cfg.decoder, device=device, dtype=dtype)
+    return load_decoder_files(cfg.decoder_unet, cfg.decoder_movq, device=device, dtype=dtype)
+
+
+def _free(device):
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def half_dtype(accelerator) -> torch.dtype | None:
@@ -262,7 +300,7 @@ def prepare_unet(unet, cfg: FinetuneConfig, frozen_dtype: torch.dtype | None = N
     base weights are stored in `frozen_dtype`, as diffusers' LoRA trainers do: autocast would cast them to that
     dtype at every matmul/conv anyway, and it halves the UNet's memory.
     """
-    if unet.dtype != torch.float32:
+    if unet.dtype != torch.float32 and (cfg.full or frozen_dtype is None):
         unet.to(dtype=torch.float32)
     if cfg.full:
         unet.requires_grad_(True)
@@ -429,14 +467,23 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if cfg.mixed_precision != "no" and not accelerator.native_amp:
         log.warning("--mixed-precision %s has no effect on %s (accelerate trains in fp32 there); "
                     "use --mixed-precision bf16 or no.", cfg.mixed_precision, device)
-    decoder, clip = _load_models(cfg, device)
-    latents, embeds, blank = encode_concept(paths, decoder, clip, cfg.resolution, masks)
+    # One big model on the device at a time: the CLIP gives the embeddings and goes, then the decoder comes, its
+    # frozen UNet already in the autocast dtype for a mixed-precision LoRA (no fp32 copy of it on the device).
+    photos = open_photos(paths, masks)
+    clip = _load_clip(cfg, device)
+    embeds, blank = concept_embeddings(photos, clip)
     del clip
+    _free(device)
+    frozen = None if cfg.full else half_dtype(accelerator)
+    decoder = _load_decoder(cfg, device, frozen or torch.float32)
+    check_embedding_dim(embeds, decoder)
+    latents = concept_latents(photos, decoder, cfg.resolution)
+    del photos
     image_names = [p.name for p in paths]
     log.info("%d concept photo(s) encoded: latents %s, embeddings %s", len(paths), list(latents.shape[1:]), embeds.shape[-1])
 
     unet = decoder.unet
-    targets, params, names = prepare_unet(unet, cfg, half_dtype(accelerator))
+    targets, params, names = prepare_unet(unet, cfg, frozen)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     noise_scheduler = DDPMScheduler.from_config(dict(decoder.scheduler_config))
     num_t = int(noise_scheduler.config.num_train_timesteps)
