@@ -192,13 +192,14 @@ def concept_latents(photos, decoder, resolution: int) -> torch.Tensor:
     weights as loaded: bf16-rounded when the decoder was loaded in bf16 for a mixed-precision LoRA)."""
     movq = decoder.movq
     dtype = movq.dtype
-    movq.to(torch.float32)
+    # torch's own Module.to: diffusers' ModelMixin.to warns about "_keep_in_fp32_modules" on every dtype change.
+    torch.nn.Module.to(movq, torch.float32)
     try:
         pixels = torch.stack([photo_pixels(im, resolution, m) for im, m in photos])
         latents = torch.cat([movq.encode(pixels[i:i + 1].to(movq.device)).latents.float().cpu()
                              for i in range(len(photos))])
     finally:
-        movq.to(dtype)
+        torch.nn.Module.to(movq, dtype)
     return latents.contiguous()
 
 
