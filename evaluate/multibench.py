@@ -52,6 +52,8 @@ LIVE, OBJECT, WEARABLE, PLACE = "live", "object", "wearable", "place"
 KINDS = (LIVE, OBJECT, WEARABLE, PLACE)
 #: Dreambench classes that are not plain objects; every other Dreambench class is an object.
 DREAMBENCH_KINDS = {"cat": LIVE, "dog": LIVE, "glasses": WEARABLE}
+#: Class nouns that are plural (no "a" before them): Dreambench's glasses, and a few common ones for concepts.
+PLURAL_CLASSES = frozenset({"glasses", "sunglasses", "shoes", "boots", "sneakers", "headphones", "earrings"})
 
 _THING = (LIVE, OBJECT)
 #: The kinds each slot accepts. The first slot is the main subject; "{} and {} …" templates are symmetric.
@@ -76,7 +78,7 @@ PROMPT_FIELDS = ("id", "count", "template", "subjects", "words", "prompt")
 IMAGE_NAME = re.compile(r"^(?P<id>.+)_s(?P<seed>\d+)\.(png|jpg|jpeg|webp)$", re.IGNORECASE)
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _WORD = re.compile(r"[^\W_][\w'-]*(?: [\w'-]+)*")
-_CONCEPT_KEYS = ("class", "kind")
+_CONCEPT_KEYS = ("class", "kind", "plural")
 
 
 @dataclass
@@ -89,6 +91,7 @@ class MultiSubject:
     photos: list[Path]
     source: str  # "dreambench" or "concept"
     masks: dict[str, Path] = field(default_factory=dict)
+    plural: bool = False  # a plural noun ("glasses"): written without "a"
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,10 @@ def _load_concept(folder: Path) -> MultiSubject:
     if not photos:
         raise DatasetError(f"{folder}: no photos of the concept (expected *.jpg / *.png next to concept.json).")
     masks = {p.name: folder / "masks" / f"{p.stem}.png" for p in photos if (folder / "masks" / f"{p.stem}.png").is_file()}
-    return MultiSubject(folder.name, word, kind, photos, "concept", masks)
+    plural = spec.get("plural", word.lower() in PLURAL_CLASSES)
+    if not isinstance(plural, bool):
+        raise DatasetError(f"{spec_file}: \"plural\" must be true or false; got {plural!r}.")
+    return MultiSubject(folder.name, word, kind, photos, "concept", masks, plural)
 
 
 def subject_pool(dataset=None, subjects: Sequence[str] | None = None, masks=None, concepts: Sequence = ()) -> list[MultiSubject]:
@@ -180,7 +186,7 @@ def subject_pool(dataset=None, subjects: Sequence[str] | None = None, masks=None
     if dataset:
         for s in load_dataset(dataset, subjects, masks):
             pool.append(MultiSubject(s.name, s.cls, DREAMBENCH_KINDS.get(s.cls, OBJECT), list(s.photos), "dreambench",
-                                     dict(s.masks)))
+                                     dict(s.masks), s.cls.lower() in PLURAL_CLASSES))
     elif subjects:
         raise DatasetError("--subjects picks Dreambench subjects: give --dataset too.")
     pool += load_concepts(concepts)
@@ -201,19 +207,21 @@ def _indefinite(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
-def fill_template(template: str, words: Sequence[str]) -> str:
+def fill_template(template: str, words: Sequence[str], plural: Sequence[bool] = ()) -> str:
     """Put the subject words in the slots. A slot right after the template's own "a"/"an"/"the" gets the bare word
     (that "a" becomes "an" before a vowel); any other slot gets "a"/"an" + word: "{} wearing a {}" → "a dog
-    wearing a hat", "{} is playing with {} in {}" → "a dog is playing with a toy in a park"."""
+    wearing a hat", "{} is playing with {} in {}" → "a dog is playing with a toy in a park". A plural word
+    (`plural[i]`) takes no "a", and drops the template's: "a dog wearing glasses"."""
     parts = template.split("{}")
     if len(parts) - 1 != len(words):
         raise ValueError(f"{template!r} has {len(parts) - 1} slots, got {len(words)} words")
+    plural = list(plural) or [False] * len(words)
     text = parts[0]
-    for word, after in zip(words, parts[1:]):
+    for word, many, after in zip(words, plural, parts[1:]):
         own = re.search(r"(?:^|\s)(a|an|the)\s+$", text)
         if own and own.group(1) in ("a", "an"):
-            text = text[:own.start(1)] + _indefinite(word) + text[own.end(1):]
-        text += word if own else f"{_indefinite(word)} {word}"
+            text = text[:own.start(1)] + ("" if many else _indefinite(word)) + text[own.end(1):]
+        text += word if (own or many) else f"{_indefinite(word)} {word}"
         text += after
     return " ".join(text.split())
 
@@ -273,7 +281,8 @@ def sample_compositions(pool: Sequence[MultiSubject], count: int, limit: int, se
             break
     name = COUNT_NAMES[count]
     return [Composition(f"{name}-{k:04d}", count, t, tuple(s.name for s in combo), tuple(s.word for s in combo),
-                        fill_template(t, [s.word for s in combo])) for k, (t, combo) in enumerate(picked)]
+                        fill_template(t, [s.word for s in combo], [s.plural for s in combo]))
+            for k, (t, combo) in enumerate(picked)]
 
 
 def unfillable_templates(pool: Sequence[MultiSubject], counts: Sequence[int]) -> list[str]:

@@ -59,6 +59,10 @@ def test_table_8_templates_and_filling():
     assert mb.fill_template("{} is playing with {} in {}", ["cat", "toy", "desert"]) == "a cat is playing with a toy in a desert"
     assert mb.fill_template("{} with a {} and a view of the {}", ["dog", "umbrella", "ocean"]) == \
         "a dog with an umbrella and a view of the ocean"
+    assert mb.fill_template("{} wearing a {}", ["dog", "glasses"], [False, True]) == "a dog wearing glasses"
+    assert mb.fill_template("{} with a {} and {}", ["cat", "glasses", "vase"], [False, True, False]) == \
+        "a cat with glasses and a vase"
+    assert mb.fill_template("{} and {} on the beach", ["sunglasses", "dog"], [True, False]) == "sunglasses and a dog on the beach"
     assert mb.PAPER[2]["dino"] == 0.4478 and mb.PAPER[3]["clip_t"] == 0.3469
 
 
@@ -75,7 +79,7 @@ def test_sampling_is_deterministic_valid_and_a_prefix(tmp_path):
     for c in two + three:
         words = [by_name[n].word for n in c.subjects]
         assert len(set(words)) == len(words) == c.count  # dog and dog2 never share a prompt
-        assert all(w in _words(c.prompt) for w in words) and c.prompt == mb.fill_template(c.template, words)
+        assert all(w in _words(c.prompt) for w in words) and c.prompt == mb.fill_template(c.template, words, [by_name[n].plural for n in c.subjects])
     symmetric = [c for c in two if c.template.startswith("{} and {}")]  # one order per pair; "chasing" keeps both
     assert len({(c.template, frozenset(c.subjects)) for c in symmetric}) == len(symmetric) == 35
     assert {("cat", "dog"), ("dog", "cat")} <= {c.words for c in two if c.template == "{} chasing a {}"}
@@ -265,3 +269,25 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path, case, message, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "out" / "prompts.csv").exists()
+
+
+def test_plural_classes_take_no_article(tmp_path):
+    import json
+
+    from PIL import Image
+
+    def concept(name, spec):
+        folder = tmp_path / name
+        folder.mkdir()
+        Image.new("RGB", (32, 32), "red").save(folder / "a.png")
+        (folder / "concept.json").write_text(json.dumps(spec))
+        return folder
+
+    shades = concept("shades", {"class": "sunglasses", "kind": "wearable"})  # known plural
+    socks = concept("socks", {"class": "socks", "kind": "wearable", "plural": True})
+    hat = concept("hat", {"class": "hat", "kind": "wearable"})
+    pool = mb.load_concepts([shades, socks, hat])
+    assert [s.plural for s in pool] == [True, True, False]
+    bad = concept("bad", {"class": "pants", "plural": "yes"})
+    with pytest.raises(mb.DatasetError, match="plural"):
+        mb.load_concepts([bad])
