@@ -324,6 +324,20 @@ def grid_workflow():
     return g
 
 
+def one_subject_embeds(g, prior, clip, asset, word, text):
+    """A photo column at x=400 (Load Image → Encode Subject → Interleave Prompt) and Prior Sample at (770, 0)."""
+    photo = image(g, asset, (400, 0), size=(320, 330))
+    subj = subject(g, clip, photo, word, (400, g.bottom(photo)), width=320)
+    prompt = g.add("LambdaEclipseInterleavePrompt", (400, g.bottom(subj)), {"text": text}, size=[320, 170])
+    g.link(clip, "clip", prompt, "clip")
+    g.link(subj, "subjects", prompt, "subjects")
+    sample = g.add("LambdaEclipsePriorSample", (770, 0), {"seed": 42, "batch_size": 1}, size=[320, None])
+    g.link(prior, "prior", sample, "prior")
+    g.link(clip, "clip", sample, "clip")
+    g.link(prompt, "prompt", sample, "prompt")
+    return sample
+
+
 def sdxl_workflow(name):
     """λ-ECLIPSE embedding → core unCLIPConditioning (ReVision) on SDXL base: our nodes up to the bridge, core after."""
     text = "a cat on top of the snow mountain"
@@ -343,17 +357,8 @@ def sdxl_workflow(name):
          "to the λ-ECLIPSE one). With batch_size > 1 in Prior Sample, pick one embedding with index in Embeds to CLIP "
          "Vision: unCLIPConditioning adds up every row it gets.",
          g.bottom(ckpt), height=480, models=NOTE_MODELS_SDXL)
-    photo = image(g, "cat.jpg", (400, 0), size=(320, 330))
-    subj = subject(g, clip, photo, "cat", (400, g.bottom(photo)), width=320)
-    prompt = g.add("LambdaEclipseInterleavePrompt", (400, g.bottom(subj)), {"text": text}, size=[320, 170])
-    g.link(clip, "clip", prompt, "clip")
-    g.link(subj, "subjects", prompt, "subjects")
-
+    sample = one_subject_embeds(g, prior, clip, "cat.jpg", "cat", text)
     x = 770
-    sample = g.add("LambdaEclipsePriorSample", (x, 0), {"seed": 42, "batch_size": 1}, size=[320, None])
-    g.link(prior, "prior", sample, "prior")
-    g.link(clip, "clip", sample, "clip")
-    g.link(prompt, "prompt", sample, "prompt")
     bridge = g.add("LambdaEclipseEmbedsToCLIPVision", (x, g.bottom(sample)), {}, size=[320, None])
     g.link(sample, "embeds", bridge, "embeds")
     positive = g.add("CLIPTextEncode", (x, g.bottom(bridge)), {"text": text}, title="Positive (SDXL)", size=[320, 150])
@@ -406,17 +411,8 @@ def lora_workflow():
          "and the prompt; strength 1 = as trained, 0 = the base decoder, in between = partly; chain Load Decoder "
          "LoRA nodes to use several concepts' LoRAs at once.",
          g.bottom(decoder), height=560)
-    photo = image(g, "dog.jpg", (400, 0), size=(320, 330))
-    subj = subject(g, clip, photo, "dog", (400, g.bottom(photo)), width=320)
-    prompt = g.add("LambdaEclipseInterleavePrompt", (400, g.bottom(subj)), {"text": text}, size=[320, 170])
-    g.link(clip, "clip", prompt, "clip")
-    g.link(subj, "subjects", prompt, "subjects")
-
+    sample = one_subject_embeds(g, prior, clip, "dog.jpg", "dog", text)
     x = 770
-    sample = g.add("LambdaEclipsePriorSample", (x, 0), {"seed": 42, "batch_size": 1}, size=[320, None])
-    g.link(prior, "prior", sample, "prior")
-    g.link(clip, "clip", sample, "clip")
-    g.link(prompt, "prompt", sample, "prompt")
     lora = g.add("LambdaEclipseLoadDecoderLoRA", (x, g.bottom(sample)), {"lora_name": LORA_NAME, "strength": 1.0},
                  size=[320, None])
     g.link(decoder, "decoder", lora, "decoder")
