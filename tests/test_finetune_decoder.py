@@ -35,7 +35,7 @@ def photos(tmp_path_factory):
 def _args(tiny_models, images, out, *extra):
     return ["finetune-decoder", "--decoder-unet", str(tiny_models["decoder_unet"]), "--decoder-movq",
             str(tiny_models["decoder_movq"]), "--clip-vision", str(tiny_models["clip_vision"]), "--images", str(images),
-            "--out", str(out), "--resolution", "64", *extra]
+            "--out", str(out), "--resolution", "64", "--cpu", *extra]  # CPU: bit-exact, and fp16 is a no-op there
 
 
 @pytest.fixture(scope="module")
@@ -320,6 +320,7 @@ def test_bf16_trains_the_lora_in_fp32_over_a_bf16_base(tiny_models, photos, tmp_
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert 0 < diff < 5e-3, diff  # bf16 matmuls: close to the fp32 run, not equal
     # What the trainer sets up under bf16: frozen base weights in bf16, the LoRA in fp32.
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
     unet = _decoder().unet
     cfg = FinetuneConfig(out=str(tmp_path), images=["x"], decoder="d", clip="c").check()
@@ -345,14 +346,14 @@ def test_fp16_on_the_cpu_says_it_does_nothing_and_trains_in_fp32(tiny_models, ph
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_make_the_same_step_as_one_with_twice_the_batch(tiny_models, photos, tmp_path):
+def test_two_processes_make_the_same_step_as_one_with_twice_the_batch(tiny_models, photos, tmp_path, capsys):
     """torchrun, 2 CPU processes (gloo DDP) × --batch-size 1 = 1 process × --batch-size 2; resuming with another
     number of processes is refused."""
     import os
     import subprocess
     import sys
 
-    common = ("--steps", "3", "--save-every", "3", "--lr", "1e-3", "--progress", "false", "--cpu")
+    common = ("--steps", "3", "--save-every", "3", "--lr", "1e-3", "--progress", "false")
     assert main(_args(tiny_models, photos, tmp_path / "one", *common, "--batch-size", "2")) == 0
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -371,6 +372,7 @@ def test_two_processes_make_the_same_step_as_one_with_twice_the_batch(tiny_model
     assert losses[0] == losses[1]  # the loss of the whole step, averaged over the processes
     assert main(_args(tiny_models, photos, tmp_path / "two", *common, "--batch-size", "1", "--steps", "4",
                       "--resume")) == 2
+    assert "trained with 2 process(es) and this run has 1" in capsys.readouterr().err
 
 
 def test_hard_kill_after_a_checkpoint_resumes_to_the_same_lora(tiny_models, photos, tmp_path):
@@ -390,7 +392,8 @@ def test_hard_kill_after_a_checkpoint_resumes_to_the_same_lora(tiny_models, phot
             "F.torch_save_atomic = hook\n"
             "from lambda_eclipse.trainer.__main__ import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
-    common = ("--steps", "4", "--save-every", "2", "--lr", "1e-3", "--progress", "false")
+    common = ("--steps", "4", "--save-every", "2", "--lr", "1e-3", "--progress", "false", "--sample-every", "2",
+              "--sample-steps", "1")
     assert main(_args(tiny_models, photos, tmp_path / "straight", *common)) == 0
     for kill_at, run in ((2, "killed_mid"), (4, "killed_end")):
         env = dict(os.environ, PYTHONWARNINGS="ignore", KILL_AT=str(kill_at))
@@ -403,6 +406,10 @@ def test_hard_kill_after_a_checkpoint_resumes_to_the_same_lora(tiny_models, phot
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run
         with safe_open(str(tmp_path / run / "concept_lora.safetensors"), "pt") as f:
             assert f.metadata()["steps"] == "4"
+        # The samples a kill skipped (it came between a checkpoint and its sample) are made on resume.
+        names = sorted(p.name for p in (tmp_path / run / "samples").iterdir())
+        assert names == sorted(p.name for p in (tmp_path / "straight" / "samples").iterdir()), run
+        assert (tmp_path / run / "loss.png").is_file()
 
 
 def test_masks_put_the_subject_on_white_like_an_alpha_cutout(tiny_models, tmp_path, capsys):
@@ -434,3 +441,11 @@ def test_masks_put_the_subject_on_white_like_an_alpha_cutout(tiny_models, tmp_pa
     assert main(_args(tiny_models, tmp_path / "photos", tmp_path / "o", "--steps", "1", "--masks",
                       str(tmp_path / "other"))) == 2
     assert "no mask named after any photo" in capsys.readouterr().err
+    # The trainer's own run uses the masks: the same LoRA as from the cut-out, another one than from the whole photo.
+    common = ("--steps", "2", "--lr", "1e-2", "--progress", "false")
+    assert main(_args(tiny_models, tmp_path / "photos", tmp_path / "m", *common, "--masks", str(tmp_path / "masks"))) == 0
+    assert main(_args(tiny_models, tmp_path / "cutouts", tmp_path / "c", *common)) == 0
+    assert main(_args(tiny_models, tmp_path / "photos", tmp_path / "w", *common)) == 0
+    m, c, w = _lora(tmp_path / "m"), _lora(tmp_path / "c"), _lora(tmp_path / "w")
+    assert max((m[k] - c[k]).abs().max().item() for k in m) < 1e-5
+    assert max((m[k] - w[k]).abs().max().item() for k in m) > 1e-4

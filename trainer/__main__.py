@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
     f.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
     f.add_argument("--cpu", type=_bool, nargs="?", const=True, default=False, help="force CPU even if a GPU is present")
+    f.add_argument("--deterministic", type=_bool, nargs="?", const=True, default=False, help="deterministic kernels: a "
+                   "resume on a GPU gives bit-identical weights too (slower; on the CPU it is bit-identical anyway)")
     f.add_argument("--sample-every", type=int, default=0, help="every N steps (and at step 0, before training) decode each "
                    "concept photo's own embedding with the current weights into OUT/samples/step_NNNNNN.png (0 = off)")
     f.add_argument("--sample-steps", type=int, default=20, help="decoder steps of those samples (dpmpp_2m, guidance 4)")

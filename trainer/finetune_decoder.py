@@ -15,7 +15,7 @@ guidance 4; keeping some unconditional steps keeps the guidance calibrated. No p
 Outputs in --out: ``concept_lora.safetensors`` (diffusers' PEFT key layout for a UNet, ``unet.<module>.lora_A/B.weight``,
 with metadata: base decoder, rank, alpha, steps, images) or with --full ``concept_unet.safetensors`` (a whole decoder
 UNet file for Load Decoder); ``checkpoint/state.pt`` (trainable weights, optimizer, RNG states, step; written
-atomically) from which --resume continues bit-identically on the same machine; ``metrics.csv``; ``finetune_config.json``.
+atomically) from which --resume continues bit-identically on the CPU (on a GPU with --deterministic); ``metrics.csv``; ``finetune_config.json``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ FULL_FILE = "concept_unet.safetensors"
 CHECKPOINT = "checkpoint/state.pt"
 # Settings that must not change within one run (a resume with another value is refused).
 _FIXED = ("rank", "alpha", "lr", "batch_size", "resolution", "seed", "full", "uncond_prob", "weight_decay", "images",
-          "masks")
+          "masks", "mixed_precision", "max_grad_norm")
 
 
 @dataclass
@@ -72,6 +72,7 @@ class FinetuneConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     cpu: bool = False
+    deterministic: bool = False  # deterministic kernels: bit-identical resume on a GPU too (slower)
     sample_every: int = 0  # 0: no samples; N: decode each concept embedding every N steps (and at step 0)
     sample_steps: int = 20
     progress: bool = True
@@ -457,7 +458,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             log.info("The checkpoint is already at step %d ≥ --steps %d.", state["step"], cfg.steps)
 
     try:
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+        from datetime import timedelta
+
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # Several processes wait for the main one while it writes checkpoints or samples: a long timeout.
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
+                                  kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"--mixed-precision {cfg.mixed_precision}: {exc}") from exc
     device = accelerator.device
@@ -501,7 +508,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
         log.info("Resumed from %s at step %d", ckpt_path, start)
+    if cfg.deterministic:
+        from .train import set_deterministic
+
+        set_deterministic(cfg.seed)
     unet, optimizer = accelerator.prepare(unet, optimizer)
+    if state is not None and state.get("scaler") is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])  # fp16: the loss scale goes on where it was
     plain = accelerator.unwrap_model(unet)
 
     # Files are written by the main process only; the others wait for it where it matters.
@@ -524,6 +537,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                 "step": step, "config": _fingerprint(cfg), "processes": world,
                 "trainable": {n: p.detach().cpu().clone() for n, p in plain.named_parameters() if n in set(names)},
                 "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "torch_rng": torch.get_rng_state(),
             }, ckpt_path)
             _export(cfg, plain, out, step, decoder.source, image_names, decoder.scheduler_config, targets)
@@ -538,8 +552,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                             samples / f"step_{step:06d}.png", accelerator.autocast)
         accelerator.wait_for_everyone()
 
-    if cfg.sample_every and start == 0 and not (samples / "step_000000.png").exists():
-        sample(0)  # the base decoder's rendering: what the steps after it are compared with
+    first = None
+    if cfg.sample_every and start == 0:
+        first = 0  # the base decoder's rendering: what the steps after it are compared with
+    elif cfg.sample_every and (start % cfg.sample_every == 0 or start >= cfg.steps) \
+            and not (samples / f"step_{start:06d}.png").exists():
+        first = start  # a kill came between the checkpoint and its sample: make it now
+    accelerator.wait_for_everyone()  # every process has decided before the main one writes a sample
+    if first is not None:
+        sample(first)
     bar = _progress(cfg.steps, start, cfg.progress and main)
     loss_value = float("nan")
     t0 = time.perf_counter()
@@ -577,5 +598,6 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if state is not None and start >= cfg.steps and main:
         # A kill between the final checkpoint and its export leaves no (or an older) LoRA file: write it again.
         _export(cfg, plain, out, start, decoder.source, image_names, decoder.scheduler_config, targets)
+        plot_loss(metrics, out / "loss.png")
     return {"output": str(out / (FULL_FILE if cfg.full else LORA_FILE)), "steps": max(start, cfg.steps),
             "final_loss": loss_value, "resumed_from": start if state is not None else None}
