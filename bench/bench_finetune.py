@@ -69,6 +69,7 @@ def run_one(name: str, args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # the fp32 UNet as built is gone: its cached blocks must not count
         torch.cuda.reset_peak_memory_stats(device)
     rss_built = _rss_mb()
     weights_mb = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20

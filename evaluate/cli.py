@@ -26,9 +26,13 @@ class Processes:
     def detect(cls) -> "Processes":
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls()
+        from datetime import timedelta
+
         from accelerate import PartialState
 
-        state = PartialState()
+        # Processes wait for one another after generating (shares can take hours to even out) and while the main
+        # one downloads: far longer than the process group's default 10-minute timeout.
+        state = PartialState(timeout=timedelta(hours=24))
         return cls(state.process_index, state.num_processes, state)
 
     @property
@@ -48,9 +52,10 @@ def _metric_paths(args) -> tuple[str, str]:
     """(DINO, evaluation CLIP) paths: --dino / --clip-eval, else the folders under --metric-models (fetched first
     with --download). Resolved before generating, so a run does not fail for want of them hours later."""
     from .metric_models import resolve_metric_models
-    from .metrics import check_clip_eval
+    from .metrics import check_clip_eval, check_dino
 
     dino, clip = resolve_metric_models(args.dino, args.clip_eval, args.metric_models, download=args.download, log=_log)
+    check_dino(dino)
     check_clip_eval(clip, args.clip_eval_model)
     return dino, clip
 
@@ -74,7 +79,14 @@ def _check_generation(args) -> list[int]:
     check_sampler(args.sampler)
     if args.steps < 1 or args.steps > 1000:
         raise InputError(f"--steps must be between 1 and 1000; got {args.steps}.")
+    _decoder_loras(args)  # the files exist: checked before anything loads
     return [args.seed + i for i in range(args.images_per_prompt)]
+
+
+def _decoder_loras(args) -> list[tuple[str, float]]:
+    from ..core.cli import _parse_lora
+
+    return [_parse_lora(spec) for spec in args.decoder_lora or []]
 
 
 def _check_counts(args) -> None:
@@ -109,6 +121,10 @@ def _generate_stage(args, procs: Processes, device: str, missing: int, generate)
     paths = paths or _model_files(args, download=False)
     check_loadable(paths)
     models = load_models(paths, device=device, dtype=_dtype(args.dtype, device))
+    for path, strength in _decoder_loras(args):
+        from ..core.lora import apply_decoder_lora
+
+        models.decoder = apply_decoder_lora(models.decoder, path, strength)
     start = time.perf_counter()
     made = generate(models)
     print(f"process {procs.index + 1}/{procs.count}: generated {made} images in "
@@ -118,6 +134,7 @@ def _generate_stage(args, procs: Processes, device: str, missing: int, generate)
 def _generation_settings(args, seeds) -> dict:
     return {"images per prompt": args.images_per_prompt, "seeds": f"{seeds[0]}…{seeds[-1]}", "sampler": args.sampler,
             "steps": args.steps, "guidance": args.guidance, "size": f"{args.width}×{args.height}", "fit": args.fit,
+            "decoder LoRA": ", ".join(f"{p}@{w:g}" for p, w in _decoder_loras(args)) or "(none)",
             "subject photo": f"photo #{args.reference} in name order"}
 
 
@@ -205,6 +222,7 @@ def cmd_multibench(args) -> int:
         settings.update({"dino": metric[0], "clip-eval": f"{metric[1]} ({args.clip_eval_model})",
                          "dino preprocessing": args.dino_preprocess})
     if generating:
+        _check_image_folder(out / "prompts.csv", images_dir, write=procs.main)
         mine = shard(compositions, procs.index, procs.count)
         missing = sum(len(m) for _, m in mb.missing_images(mine, images_dir, seeds))
         _generate_stage(args, procs, device, missing, lambda models: mb.generate_missing(
@@ -226,6 +244,22 @@ def cmd_multibench(args) -> int:
     print(json.dumps(result))
     print(f"wrote {out / 'scores.csv'}, {out / 'summary.md'}, {out / 'scores.png'} ({len(rows)} images)")
     return 0
+
+
+def _check_image_folder(prompts: Path, images_dir: Path, write: bool) -> None:
+    """Multibench image names (two-0000_s0.png) mean nothing without their prompt list: an image folder keeps a copy
+    of the list it was made for (IMAGES/prompts.csv), and one made for another list is refused rather than mixed."""
+    from .common import write_text
+
+    mark = images_dir / "prompts.csv"
+    text = prompts.read_text(encoding="utf-8")
+    if mark.is_file():
+        if mark.read_text(encoding="utf-8") != text:
+            raise DatasetError(f"{images_dir} holds images made for another prompt list ({mark} differs from "
+                               f"{prompts}): their names would be scored against other prompts. Use another --images "
+                               "folder (or none: OUT/images), or the --out whose prompts.csv they were made for.")
+    elif write:
+        write_text(mark, text)
 
 
 def cmd_download_metrics(args) -> int:
@@ -284,6 +318,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit", choices=["crop", "pad"], default="crop")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_model_args(p, download=False)
+    p.add_argument("--decoder-lora", action="append", metavar="PATH[:STRENGTH]", help="decode with a concept LoRA of "
+                   "the decoder (from `trainer finetune-decoder`), at strength 1 unless given; repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:

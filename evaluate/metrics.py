@@ -78,18 +78,28 @@ def dino_transform(crop: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, mode: 
     return T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
 
 
+DINO_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
+
+
+def check_dino(path) -> None:
+    """What DinoEmbedder would refuse for want of files, found without loading anything."""
+    path = Path(path).expanduser()
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise MetricModelError(
+            f"--dino {path}: expected a folder with config.json and the weights, e.g. a download of "
+            "facebook/dino-vits16 (transformers) or timm/vit_small_patch16_224.dino (needs timm)."
+        )
+    if not any((path / name).is_file() for name in DINO_WEIGHTS):
+        raise MetricModelError(f"--dino {path}: config.json is there but no weights ({' or '.join(DINO_WEIGHTS[:2])}).")
+
+
 class DinoEmbedder:
     """DINO CLS features from a local transformers ViTModel folder or (when timm is installed) a timm folder."""
 
     def __init__(self, path, device: str = "cpu", preprocess: str = "crop"):
         path = Path(path).expanduser()
-        config_file = path / "config.json"
-        if not path.is_dir() or not config_file.is_file():
-            raise MetricModelError(
-                f"--dino {path}: expected a folder with config.json and the weights, e.g. a download of "
-                "facebook/dino-vits16 (transformers) or timm/vit_small_patch16_224.dino (needs timm)."
-            )
-        config = json.loads(config_file.read_text())
+        check_dino(path)
+        config = json.loads((path / "config.json").read_text())
         self.device = device
         if "architecture" in config:  # timm hub layout
             try:

@@ -301,7 +301,7 @@ def _kinds_needed(count: int) -> str:
 
 
 def pool_settings(pool: Sequence[MultiSubject]) -> list[dict]:
-    return [{"name": s.name, "class": s.word, "kind": s.kind, "source": s.source} for s in pool]
+    return [{"name": s.name, "class": s.word, "kind": s.kind, "plural": s.plural, "source": s.source} for s in pool]
 
 
 def counts_label(counts: Sequence[int]) -> str:
@@ -328,8 +328,8 @@ def settings_differences(old: dict, new: dict) -> list[str]:
     if added:
         out.append(f"new subjects: {', '.join(added)}")
     for name in before.keys() & after.keys():
-        for key in ("class", "kind"):
-            if before[name].get(key) != after[name][key]:
+        for key in ("class", "kind", "plural"):
+            if before[name].get(key, False if key == "plural" else None) != after[name][key]:
                 out.append(f"{name}: {key} was {before[name].get(key)!r}, now {after[name][key]!r}")
     return out
 
@@ -357,6 +357,10 @@ def read_prompts(path, pool: Sequence[MultiSubject]) -> list[Composition]:
     out, ids = [], set()
     for line, row in enumerate(rows, 2):
         where = f"{path}, line {line}"
+        empty = [k for k in ("id", "count", "subjects", "prompt") if not (row.get(k) or "").strip()]
+        if empty:  # template and words may be left empty in a hand-made list
+            raise DatasetError(f"{where}: no value in column(s) {', '.join(empty)} (a short or broken row).")
+        row = {k: row.get(k) or "" for k in PROMPT_FIELDS}
         cid, names, prompt = row["id"].strip(), [n.strip() for n in row["subjects"].split("+")], row["prompt"]
         if not _ID.fullmatch(cid) or cid in ids:
             raise DatasetError(f"{where}: id {cid!r} is {'used twice' if cid in ids else 'not a plain name'}.")

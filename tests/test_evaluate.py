@@ -224,3 +224,37 @@ def test_compare_bootstrap():
     assert not unpaired["paired"] and unpaired["metrics"]["dino"]["diff"] == pytest.approx(d["diff"])
     point, low, high = bootstrap_difference([0.0] * 5, [1.0] * 5, paired=False)
     assert (point, low, high) == (1.0, 1.0, 1.0)
+
+
+def test_dreambench_with_a_decoder_lora_and_early_checks(tmp_path, tiny_models, metric_models, capsys):
+    """--decoder-lora decodes through the LoRA (other pixels than without); a missing LoRA or DINO folder is said
+    before anything is generated."""
+    from safetensors.torch import save_file
+
+    from lambda_eclipse.core.tiny import make_tiny_decoder_components
+
+    unet = make_tiny_decoder_components()[0]
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(("to_q", "to_v")):
+            tensors[f"unet.{name}.lora_A.weight"] = torch.randn(4, module.in_features, generator=gen) * 0.3
+            tensors[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=gen) * 0.3
+    lora = tmp_path / "concept.safetensors"
+    save_file(tensors, str(lora), {"rank": "4", "alpha": "4.0"})
+    data = make_dataset(tmp_path / "dataset")
+    common = ["dreambench", "--dataset", str(data), "--models", str(tiny_models["root"]), "--subjects", "dog",
+              "--limit-prompts", "1", "--images-per-prompt", "1", "--steps", "2", "--width", "64", "--height", "64",
+              *_metric_args(metric_models)]
+    assert main(common + ["--out", str(tmp_path / "base")]) == 0
+    assert main(common + ["--out", str(tmp_path / "tuned"), "--decoder-lora", f"{lora}:1.0"]) == 0
+    a = np.asarray(Image.open(tmp_path / "base" / "images" / "dog" / "p00_s0.png"), dtype=int)
+    b = np.asarray(Image.open(tmp_path / "tuned" / "images" / "dog" / "p00_s0.png"), dtype=int)
+    assert np.abs(a - b).max() > 0
+    assert "concept.safetensors@1" in (tmp_path / "tuned" / "summary.md").read_text()
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "x"), "--decoder-lora", str(tmp_path / "nope.safetensors")]) == 2
+    assert "nope.safetensors" in capsys.readouterr().err and not (tmp_path / "x" / "images").exists()
+    bad_dino = [a if a != str(metric_models["dino"]) else str(tmp_path / "no-dino") for a in common]
+    assert main(bad_dino + ["--out", str(tmp_path / "y")]) == 2
+    assert "--dino" in capsys.readouterr().err and not (tmp_path / "y" / "images").exists()

@@ -160,6 +160,11 @@ def test_multibench_run_resume_settings_and_compare(tmp_path, tiny_models, metri
         assert "sampled with other settings" in err and message in err and "another --out" in err
     without_park = [a for a in args if a not in ("--concepts", str(tmp_path / "concepts"))]
     assert main(without_park) == 2 and "subjects no longer given: park" in capsys.readouterr().err
+    # An image folder keeps the list its images were made for: another list's run may not mix in there.
+    assert (out / "images" / "prompts.csv").read_bytes() == listing
+    shared = [*_run_args(tmp_path, tiny_models, metric_models, tmp_path / "seed1"), "--composition-seed", "1",
+              "--images", str(out / "images")]
+    assert main(shared) == 2 and "holds images made for another prompt list" in capsys.readouterr().err
 
     # compare: the run with itself, then with a re-scoring that uses the other DINO preprocessing
     assert main(["compare", str(out), str(out / "scores.csv")]) == 0
@@ -231,6 +236,8 @@ def test_hand_made_prompt_list_is_checked(tmp_path, metric_models, capsys):
     (out / "prompts.csv").write_text("id,count,template,subjects,words,prompt\n"
                                      "mine-1,2,,cat+park,cat+park,a cat in the park\n")
     assert main(base) == 2 and "park are not among the given subjects" in capsys.readouterr().err
+    (out / "prompts.csv").write_text("id,count,template,subjects,words,prompt\nmine-1,2\n")  # a short row
+    assert main(base) == 2 and "no value in column(s) subjects, prompt" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case, message", [
