@@ -450,7 +450,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         cfg.masks = str(Path(cfg.masks).expanduser().resolve())
     if state is not None:
         old, new = state["config"], _fingerprint(cfg)
-        diff = [f"{k}: {old.get(k)!r} → {new[k]!r}" for k in _FIXED if old.get(k) != new[k]]
+        # A setting an older checkpoint does not record (masks, mixed_precision, …) is not held against it.
+        diff = [f"{k}: {old[k]!r} → {new[k]!r}" for k in _FIXED if k in old and old[k] != new[k]]
         if diff:
             raise ResumeError("--resume with other settings than the checkpoint's: " + "; ".join(diff)
                               + ". Use the same settings (only --steps and --save-every may change) or another --out.")
