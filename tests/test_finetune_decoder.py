@@ -174,6 +174,8 @@ def test_bad_inputs_say_what_is_wrong(tiny_models, photos, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(_args(tiny_models, photos, run, "--steps", "2", "--rank", "8", "--resume")) == 2
     assert "rank: 4 → 8" in capsys.readouterr().err
+    assert main(_args(tiny_models, photos, run, "--steps", "2", "--mixed-precision", "bf16", "--resume")) == 2
+    assert "mixed_precision: 'no' → 'bf16'" in capsys.readouterr().err
 
 
 def test_a_lora_of_another_model_is_refused_clearly(tmp_path):
