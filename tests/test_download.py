@@ -486,9 +486,25 @@ def test_cli_needs_a_models_folder(monkeypatch):
         args.func(args)
 
 
+def serve_shipped_manifest(hub, files: dict, tmp_path, monkeypatch):
+    """The fake hub serves, under the shipped manifest's repos and names, the given local file for each key, and
+    `download` uses a manifest with those files' sizes and hashes."""
+    from lambda_eclipse.core import download as download_module
+    from lambda_eclipse.core.paths import manifest as shipped
+
+    entries = []
+    for key, entry in shipped().items():
+        content = Path(files[key]).read_bytes()
+        hub.files[(entry.repo, entry.file)] = content
+        entries.append({"key": key, "what": entry.what, "repo": entry.repo, "file": entry.file, "revision": "main",
+                        "folder": entry.folder, "name": entry.name, "size": len(content), "sha256": sha(content)})
+    test_manifest = tmp_path / "manifest.json"
+    test_manifest.write_text(json.dumps(entries))
+    monkeypatch.setattr(download_module, "MANIFEST_PATH", test_manifest)
+
+
 def test_generate_with_download_makes_an_image_on_a_fresh_machine(hub, tmp_path, monkeypatch, capsys):
     """The README's run command with --download: the five files come from the (loopback) hub, then an image."""
-    from lambda_eclipse.core import download as download_module
     from lambda_eclipse.core.cli import main
     from lambda_eclipse.core.paths import manifest as shipped
     from lambda_eclipse.core.tiny import write_tiny_single_files
@@ -496,15 +512,7 @@ def test_generate_with_download_makes_an_image_on_a_fresh_machine(hub, tmp_path,
 
     tiny = write_tiny_single_files(tmp_path / "tiny")
     files = {"prior": tiny["prior_file"], **{k: tiny[k] for k in ("clip_text", "clip_vision", "decoder_unet", "decoder_movq")}}
-    entries = []
-    for key, entry in shipped().items():
-        content = files[key].read_bytes()
-        hub.files[(entry.repo, entry.file)] = content
-        entries.append({"key": key, "what": entry.what, "repo": entry.repo, "file": entry.file, "revision": "main",
-                        "folder": entry.folder, "name": entry.name, "size": len(content), "sha256": sha(content)})
-    test_manifest = tmp_path / "manifest.json"
-    test_manifest.write_text(json.dumps(entries))
-    monkeypatch.setattr(download_module, "MANIFEST_PATH", test_manifest)
+    serve_shipped_manifest(hub, files, tmp_path, monkeypatch)
     photo = tmp_path / "dog.png"
     Image.new("RGB", (80, 60), (150, 90, 40)).save(photo)
     models, out = tmp_path / "models", tmp_path / "out.png"

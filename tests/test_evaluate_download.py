@@ -11,7 +11,7 @@ from lambda_eclipse.core.download import load_manifest
 from lambda_eclipse.evaluate import metric_models
 from lambda_eclipse.evaluate.cli import main
 from lambda_eclipse.evaluate.tiny import write_tiny_dino, write_tiny_eval_clip
-from test_download import FakeHub, _point_hub_at, sha
+from test_download import FakeHub, _point_hub_at, serve_shipped_manifest, sha
 from test_evaluate import make_dataset
 
 FILES = {"facebook/dino-vits16": ("config.json", "preprocessor_config.json", "pytorch_model.bin"),
@@ -142,18 +142,10 @@ def test_offline_and_corrupt_downloads_are_reported(hub, tmp_path, monkeypatch, 
 def test_dreambench_on_a_fresh_machine_with_download(hub, tmp_path, tiny_models, monkeypatch, capsys):
     """--download fetches the λ-ECLIPSE models into --models (core.download, as `generate --download`) and the
     metric models into --metric-models; then the run generates and scores."""
-    from lambda_eclipse.core import download as download_module
     from lambda_eclipse.core.paths import manifest as shipped
 
-    entries = []
-    for key, entry in shipped().items():
-        content = (tiny_models["root"] / entry.folder / entry.name).read_bytes()
-        hub.files[(entry.repo, entry.file)] = content
-        entries.append({"key": key, "what": entry.what, "repo": entry.repo, "file": entry.file, "revision": "main",
-                        "folder": entry.folder, "name": entry.name, "size": len(content), "sha256": sha(content)})
-    test_manifest = tmp_path / "manifest.json"
-    test_manifest.write_text(json.dumps(entries))
-    monkeypatch.setattr(download_module, "MANIFEST_PATH", test_manifest)
+    serve_shipped_manifest(hub, {key: tiny_models["root"] / e.folder / e.name for key, e in shipped().items()},
+                           tmp_path, monkeypatch)
     data = make_dataset(tmp_path / "dataset")
     models, metrics, out = tmp_path / "models", tmp_path / "metrics", tmp_path / "run"
     args = ["dreambench", "--dataset", str(data), "--out", str(out), "--models", str(models), "--download",
