@@ -28,8 +28,6 @@ log = logging.getLogger("lambda_eclipse")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 BIGG_NAME = "ViT-bigG-14"
-CLIP_CONFIG_NAME = "open_clip_config.json"
-CLIP_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_pytorch_model.safetensors")
 CLIP_DOWNLOAD = "https://huggingface.co/laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 
 
@@ -292,25 +290,6 @@ def _tokenizer(name: str | None):
     if not hasattr(tokenizer, "encode"):
         raise ModelFileError(f"{name}: this CLIP uses a tokenizer without CLIP's BPE; λ-ECLIPSE needs the bigG tokenizer.")
     return tokenizer
-
-
-def resolve_clip_files(path: str | os.PathLike) -> tuple[str, Path, Path | None]:
-    """(model name for open_clip, weights file, open_clip_config.json or None) of an OpenCLIP folder or file."""
-    path = Path(path)
-    if path.is_dir():
-        config = path / CLIP_CONFIG_NAME
-        weights = next((path / n for n in CLIP_WEIGHT_NAMES if (path / n).is_file()), None)
-        if weights is None:
-            raise ModelFileError(
-                f"No CLIP weights in {path}: expected {' or '.join(CLIP_WEIGHT_NAMES)} (and {CLIP_CONFIG_NAME}). "
-                f"Download them from {CLIP_DOWNLOAD}."
-            )
-        if not config.is_file():
-            return BIGG_NAME, weights, None
-        return "local-dir:" + str(path), weights, config
-    if not path.is_file():
-        raise ModelFileError(f"CLIP not found: {path}. Download ViT-bigG/14 from {CLIP_DOWNLOAD}.")
-    return BIGG_NAME, path, None
 
 
 def _load_with_open_clip(source: ClipSource, device, dtype) -> ClipEncoder:

@@ -39,7 +39,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import ModelFileError
-from .loading import read_json, resolve_dtype
+from .loading import CheckCache, read_json, resolve_dtype
 
 log = logging.getLogger("lambda_eclipse")
 
@@ -785,8 +785,7 @@ def open_source(path: str | os.PathLike, prefer_half: bool = False) -> ClipSourc
 # sniff_clip: header-only, cached by file signature
 # ---------------------------------------------------------------------------------------------------------
 
-_SNIFF_CACHE: dict[tuple, ClipSourceInfo | ModelFileError] = {}
-_SNIFF_CACHE_MAX = 1024
+_SNIFF_CACHE = CheckCache()
 
 
 def _signature(path: Path) -> tuple:
@@ -815,18 +814,7 @@ def sniff_clip(path: str | os.PathLike) -> ClipSourceInfo:
         key = _signature(path)
     except OSError as exc:
         raise ModelFileError(f"CLIP not found: {path} ({exc.strerror or exc}). {NEEDED}") from exc
-    cached = _SNIFF_CACHE.get(key)
-    if cached is None:
-        try:
-            cached = _sniff(path)
-        except ModelFileError as exc:
-            cached = exc
-        if len(_SNIFF_CACHE) >= _SNIFF_CACHE_MAX:
-            _SNIFF_CACHE.clear()
-        _SNIFF_CACHE[key] = cached
-    if isinstance(cached, ModelFileError):
-        raise ModelFileError(str(cached))
-    return cached
+    return _SNIFF_CACHE.get(key, lambda: _sniff(path))
 
 
 def _sniff(path: Path) -> ClipSourceInfo:

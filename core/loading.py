@@ -171,3 +171,29 @@ def resolve_dtype(dtype) -> torch.dtype:
         return names[str(dtype).lower()]
     except KeyError:
         raise ValueError(f"Unknown dtype {dtype!r}; use fp32, fp16 or bf16.") from None
+
+
+class CheckCache:
+    """Results of header-only model checks by file signature, errors included: menus check files on every refresh.
+    Bounded (cleared when full); a cached error is raised anew, as its type with its message."""
+
+    def __init__(self, limit: int = 1024):
+        self.limit = limit
+        self._items: dict = {}
+
+    def get(self, key, check):
+        hit = self._items.get(key)
+        if hit is None:
+            try:
+                hit = check()
+            except ModelFileError as exc:
+                hit = exc
+            if len(self._items) >= self.limit:
+                self._items.clear()
+            self._items[key] = hit
+        if isinstance(hit, ModelFileError):
+            raise type(hit)(str(hit))
+        return hit
+
+    def clear(self):
+        self._items.clear()

@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import ModelFileError
 from .loading import (
-    WEIGHT_SUFFIXES,
+    CheckCache,
     first_existing,
     load_state_dict,
     read_json,
@@ -442,7 +442,7 @@ class PriorFileInfo:
     parameters: int
 
 
-_SNIFF_CACHE: dict[tuple, PriorFileInfo | ModelFileError] = {}
+_SNIFF_CACHE = CheckCache()
 
 
 def sniff_prior(path: str | os.PathLike) -> PriorFileInfo:
@@ -453,16 +453,7 @@ def sniff_prior(path: str | os.PathLike) -> PriorFileInfo:
     weights, _config = resolve_prior_files(path)
     st = weights.stat()
     key = (str(weights.resolve()), st.st_mtime_ns, st.st_size)
-    hit = _SNIFF_CACHE.get(key)
-    if hit is None:
-        try:
-            hit = _sniff_prior_uncached(weights)
-        except ModelFileError as exc:
-            hit = exc
-        _SNIFF_CACHE[key] = hit
-    if isinstance(hit, ModelFileError):
-        raise hit
-    return hit
+    return _SNIFF_CACHE.get(key, lambda: _sniff_prior_uncached(weights))
 
 
 def _sniff_prior_uncached(weights: Path) -> PriorFileInfo:

@@ -72,11 +72,9 @@ def _panel(draw, box, series: dict, title: str, colors: dict, widths: dict | Non
 
 
 def _save(img, png_path) -> Path:
-    png_path = Path(png_path)
-    tmp = png_path.with_name(png_path.name + ".tmp.png")
-    img.save(tmp)
-    tmp.replace(png_path)
-    return png_path
+    from .fsio import atomic_write
+
+    return atomic_write(png_path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def plot_curves(csv_path: str | Path, png_path: str | Path, width: int = 1200, height: int = 720) -> Path:
