@@ -118,44 +118,8 @@ def first_existing(folder: Path, names: Iterable[str]) -> Path | None:
     return None
 
 
-def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None):
-    """Write a .safetensors file so that a crash never leaves a torn file under the final name."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(obj, path: str | os.PathLike):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where /proc allows (os.umask is set-and-return)."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def file_mode() -> int:
-    """The mode a new file gets from a plain open(): 0o666 minus the umask (temp files from mkstemp are 0600)."""
-    return 0o666 & ~current_umask()
+# One writer for the whole pack (core/fsio.py); these names stay importable from here.
+from .fsio import current_umask, file_mode, save_file_atomic, write_json_atomic  # noqa: E402,F401
 
 
 def resolve_dtype(dtype) -> torch.dtype:

@@ -8,7 +8,6 @@ the mode `open(path, "w")` would have given it.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -34,40 +33,7 @@ def set_tree_modes(path: str | os.PathLike):
                 set_file_mode(p, mode)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """write(tmp) fills a temporary file next to `path`, which then replaces `path` in one step, with the
-    plain-open() mode. A crash leaves either the old file or the new one under the final name, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        set_file_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    return path
-
-
-def save_file_atomic(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """A .safetensors file, atomically, readable like any file the user writes."""
-    from safetensors.torch import save_file
-
-    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(data, str(tmp), metadata=metadata))
-
-
-def write_json_atomic(obj, path: str | os.PathLike) -> Path:
-    def write(tmp: Path):
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-
-    return atomic_write(path, write)
+from ..core.fsio import atomic_write, save_file_atomic, write_json_atomic  # noqa: E402,F401  (the pack's one writer)
 
 
 def torch_save_atomic(obj, path: str | os.PathLike) -> Path:
