@@ -462,23 +462,57 @@ def previews_enabled() -> bool:
     return str(getattr(method, "value", method)).lower() not in ("none", "nopreviews")
 
 
-def preview_callback(bar, make_image: Callable[[object], object], min_interval: float = 1.0):
-    """A core-style preview(step, total, latents): at most one picture per `min_interval` seconds (and never one
-    that took longer to make than a fifth of the time since the last), shown on ComfyUI's node like KSampler's."""
+def preview_callback(bar, make_image: Callable[[object], object], min_interval: float = 1.0, clock=None):
+    """A core-style preview(step, total, latents): the first step's picture always, then at most one per
+    `min_interval` seconds (and never one that took longer to make than a fifth of the time since the last),
+    shown on ComfyUI's node like KSampler's. `clock` (default time.monotonic) is only for tests: the throttle
+    never compares with the clock's absolute value, which on some systems counts from boot."""
     import time
 
-    state = {"last": 0.0, "cost": 0.0}
+    clock = clock or time.monotonic
+    state = {"last": None, "cost": 0.0}
 
     def preview(step: int, total: int, latents):
-        now = time.perf_counter()
-        if now - state["last"] < max(min_interval, 5 * state["cost"]) and step + 1 < total:
+        now = clock()
+        last = state["last"]
+        if last is not None and now - last < max(min_interval, 5 * state["cost"]) and step + 1 < total:
             return
         image = make_image(latents)
-        state["cost"], state["last"] = time.perf_counter() - now, time.perf_counter()
+        done = clock()
+        state["cost"], state["last"] = done - now, done
         if image is not None:
             bar.update_absolute(step + 1, total, ("JPEG", image, 512))
 
     return preview
+
+
+def tell_node(unique_id, text: str):
+    """Say something the user should see, on the node itself: ComfyUI's progress text (drawn on the node by the
+    frontend, as API nodes do) and the server log. Outside ComfyUI only the log."""
+    log.warning(text)
+    if unique_id is None or not in_comfyui():
+        return
+    server = _import("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    send = getattr(instance, "send_progress_text", None)
+    if send is None:
+        return
+    try:
+        send(text, str(unique_id))
+    except Exception as exc:  # a message must never break the run
+        log.debug("could not show a message on node %s: %s", unique_id, exc)
+
+
+def annotated_input_path(name: str) -> Path | None:
+    """The file behind a Load Image value ('x.png', 'x.png [input]', 'sub/x.png'), or None outside ComfyUI."""
+    fp = folder_paths()
+    if fp is None:
+        base = _fallback_input_dir
+        return (base / name) if base is not None else None
+    try:
+        return Path(fp.get_annotated_filepath(name))
+    except Exception:
+        return None
 
 
 def step_callback(total: int) -> Callable[[int, int], None]:

@@ -233,3 +233,28 @@ def test_decode_node_samplers_img2img_and_preview(models):
     for step in range(5):
         callback(step, 5, latents)
     assert [s[0] for s in bar.shown] == [1, 5] and bar.shown[0][1] == "JPEG"
+
+
+def test_preview_throttle_first_picture_on_a_freshly_booted_machine():
+    """The throttle must not compare with the clock's absolute value: a clock that counts from boot starts near 0."""
+    class Bar:
+        def __init__(self):
+            self.shown = []
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.shown.append(value)
+
+    for start in (0.0, 2.5, 1e6):
+        ticks = iter(start + 0.01 * i for i in range(100))
+        bar = Bar()
+        callback = comfy.preview_callback(bar, lambda lat: object(), min_interval=3600, clock=lambda: next(ticks))
+        for step in range(5):
+            callback(step, 5, None)
+        assert bar.shown == [1, 5], start
+    # the interval counts from the last picture shown, in the clock's own units
+    ticks = iter([0.0, 0.0, 0.5, 1.5, 1.5, 2.0, 2.0])
+    bar = Bar()
+    callback = comfy.preview_callback(bar, lambda lat: object(), min_interval=1.0, clock=lambda: next(ticks))
+    for step in range(4):
+        callback(step, 10, None)
+    assert bar.shown == [1, 3]
