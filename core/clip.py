@@ -62,7 +62,20 @@ def to_mask(mask, size: tuple[int, int]) -> np.ndarray:
     return mask_array(mask, size) > 0.5
 
 
-def prepare_subject(image, mask=None, fit: str = "crop") -> Image.Image:
+SMALL_SUBJECT = 112  # px on the short side: below this CLIP's 224 px input is more than a 2x enlargement
+
+
+def small_subject_warning(size: tuple[int, int], what: str = "subject") -> str | None:
+    """A warning for a subject (after cropping to its mask) too small for CLIP to see well, or None."""
+    width, height = size
+    if min(width, height) >= SMALL_SUBJECT:
+        return None
+    return (f"The {what} is only {width}×{height} pixels (after cropping to its mask); CLIP looks at subjects at "
+            f"224×224, so it is enlarged {224 / max(1, min(width, height)):.0f}× and its details are lost. Use a larger "
+            f"photo (at least {SMALL_SUBJECT} px, ideally 224 px or more, on the short side of the subject).")
+
+
+def prepare_subject(image, mask=None, fit: str = "crop", notes: list | None = None) -> Image.Image:
     """The subject as the paper feeds it: on white, cropped to its mask's box (aspect kept).
 
     The mask is `mask`, or the image's own alpha (a transparent cut-out is composited on white); both together
@@ -81,6 +94,11 @@ def prepare_subject(image, mask=None, fit: str = "crop") -> Image.Image:
             )
         rows, cols = np.where(keep)
         pil = pil.crop((int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1))
+    small = small_subject_warning(pil.size)
+    if small:
+        log.warning(small)
+        if notes is not None:
+            notes.append(small)
     if fit == "pad" and pil.width != pil.height:
         side = max(pil.size)
         canvas = Image.new("RGB", (side, side), (255, 255, 255))
@@ -224,8 +242,8 @@ class ClipEncoder:
             out.append(self.encode_pixels(torch.stack(chunk)))
         return torch.cat(out)
 
-    def encode_subject(self, image, mask=None, fit: str = "crop") -> torch.Tensor:
-        return self.encode_images([prepare_subject(image, mask, fit)])[0]
+    def encode_subject(self, image, mask=None, fit: str = "crop", notes: list | None = None) -> torch.Tensor:
+        return self.encode_images([prepare_subject(image, mask, fit, notes)])[0]
 
     def blank_embedding(self) -> torch.Tensor:
         """[E] float32 on the CPU: the vision tower on all-zero normalised pixels (the mean-colour grey image),

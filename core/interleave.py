@@ -5,6 +5,13 @@ official code replaces every occurrence of every id of the word (a bag of ids): 
 also overwrites an unrelated "bear" and "red car" touches the "red" of "red barn". For single-token
 words both rules give the same positions. A word that is absent, empty, overlapping another subject
 or cut off by the 77-token limit is an error here (the official code only prints a message).
+
+A span must also be whole words: CLIP's tokenizer splits digits one by one, so the ids of "w1" are a run
+inside "w10" (and "glasses" can be the end of "sunglasses"); a run that starts or ends inside a word of
+the prompt (letters or digits glued to it, no space or punctuation between) is not that subject's word.
+
+`check_prompt_words` runs every one of these checks with the tokenizer alone, so a command can stop on a
+bad word before any model is loaded; `interleave_prompt` runs the same code with the loaded CLIP.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ class Subject:
     word: str
     embedding: torch.Tensor
     weight: float = 1.0
+    notes: tuple = ()  # what the user should hear about this subject (a tiny photo, an unwired cut-out mask)
 
 
 @dataclass
@@ -48,6 +56,7 @@ class Prompt:
     mask: torch.Tensor  # [1, L] bool
     ids: torch.Tensor  # [1, L]
     placements: list[Placement] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # said to the user (log, node report), never an error
 
     @property
     def positions(self) -> dict[int, int]:
@@ -56,9 +65,12 @@ class Prompt:
 
     def describe(self) -> str:
         if not self.placements:
-            return f"{self.text!r}: no subject (plain text prompt)"
-        parts = [f"{p.word!r} → token{'s' if len(p.positions) > 1 else ''} {', '.join(map(str, p.positions))}" for p in self.placements]
-        return f"{self.text!r}: " + "; ".join(parts)
+            text = f"{self.text!r}: no subject (plain text prompt)"
+        else:
+            parts = [f"{p.word!r} → token{'s' if len(p.positions) > 1 else ''} {', '.join(map(str, p.positions))}"
+                     for p in self.placements]
+            text = f"{self.text!r}: " + "; ".join(parts)
+        return "\n".join([text] + [f"warning: {w}" for w in self.warnings])
 
 
 def find_spans(prompt_ids: Sequence[int], word_ids: Sequence[int]) -> list[int]:
@@ -86,11 +98,15 @@ def plan_positions(
     words: Sequence[str],
     word_ids: Sequence[Sequence[int]],
     context_length: int = 77,
+    glued: Sequence[bool] | None = None,
+    warnings: list[str] | None = None,
 ) -> list[list[int]]:
     """Token positions for each subject word.
 
     `prompt_ids` is the *untruncated* id list including SOT and EOT, so a word lying beyond the
-    context limit can be reported as cut off rather than missing.
+    context limit can be reported as cut off rather than missing. `glued[i]` (same indexing) is True
+    when token i continues the word of token i-1; a span must not start or end inside a word.
+    Warnings (an occurrence past the limit) are appended to `warnings` when given.
     """
     # Truncation keeps positions 0..L-2 and writes EOT at L-1, so a usable word ends before L-1.
     limit = context_length - 1
@@ -102,6 +118,17 @@ def plan_positions(
         if not ids:
             raise InterleaveError(f"Subject word {word!r} has no letters CLIP can tokenise. Use a plain word from the prompt.")
         starts = find_spans(prompt_ids, ids)
+        if glued is not None:
+            inside = [st for st in starts if glued[st] or (st + len(ids) < len(glued) and glued[st + len(ids)])]
+            starts = [st for st in starts if st not in inside]
+        else:
+            inside = []
+        if not starts and inside:
+            raise InterleaveError(
+                f"Subject word {word!r} occurs in the prompt {prompt!r} only as part of a longer word "
+                f"(CLIP splits digits and some words into pieces, so {word!r} is a piece of it there). "
+                "Use a subject word that stands alone in the prompt, e.g. with a space or punctuation around it."
+            )
         if not starts:
             words_in_prompt = prompt_words(prompt)
             near = _near_misses(word, words_in_prompt)
@@ -119,7 +146,11 @@ def plan_positions(
                 "so the prompt is cut off before it. Shorten the prompt or move the word earlier."
             )
         if cut:
-            log.warning("subject word %r also occurs past the %d-token limit; only the earlier occurrences are used", word, context_length)
+            said = (f"subject word {word!r} also occurs past CLIP's {context_length}-token limit; only the earlier "
+                    "occurrences are used")
+            log.warning(said)
+            if warnings is not None:
+                warnings.append(said)
         positions = [s + k for s in kept for k in range(len(ids))]
         for pos in positions:
             if pos in owner:
@@ -155,22 +186,89 @@ def substitute(
     return out
 
 
+def word_glue(prompt: str, encode) -> list[bool] | None:
+    """glued[i] for the prompt's BPE ids (without SOT/EOT): True when id i continues the written word of id i-1
+    (letters or digits touching: the '1' and '0' of 'w10', the 'glasses' of 'sunglasses'). None when the
+    prompt's ids are not the concatenation of its whitespace-separated words' ids (then no whole-word check)."""
+    ids: list[int] = []
+    glued: list[bool] = []
+    for chunk in prompt.split():
+        chunk_ids = list(encode(chunk))
+        pieces = [_piece(encode, i) for i in chunk_ids]
+        for j, _ in enumerate(chunk_ids):
+            glued.append(j > 0 and _alnum_end(pieces[j - 1]) and _alnum_start(pieces[j]))
+        ids += chunk_ids
+    if ids != list(encode(prompt)):
+        return None
+    return glued
+
+
+def _piece(encode, token_id: int) -> str:
+    tokenizer = getattr(encode, "__self__", None)
+    decoder = getattr(tokenizer, "decoder", None)
+    text = decoder.get(token_id, "") if isinstance(decoder, dict) else ""
+    return text.replace("</w>", "")
+
+
+def _alnum_end(piece: str) -> bool:
+    return bool(piece) and piece[-1].isalnum()
+
+
+def _alnum_start(piece: str) -> bool:
+    return bool(piece) and piece[0].isalnum()
+
+
+def plan_prompt(tokenizer, prompt: str, words: Sequence[str], context_length: int = 77
+                ) -> tuple[list[int], list[list[int]], list[str]]:
+    """(the prompt's untruncated ids with SOT/EOT, each word's token positions, warnings), from the tokenizer alone.
+    Raises InterleaveError for an empty prompt, a word absent, empty, inside a longer word, overlapping another
+    subject or cut off by the limit."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InterleaveError("The prompt is empty. Write a prompt that names each subject, e.g. 'a dog wearing a hat'.")
+    encode = tokenizer.encode
+    body = list(encode(prompt))
+    full_ids = [tokenizer.sot_token_id] + body + [tokenizer.eot_token_id]
+    warnings: list[str] = []
+    if len(full_ids) > context_length:
+        kept = tokenizer.decode(full_ids[1:context_length - 1]).strip()
+        said = (f"the prompt is {len(full_ids)} CLIP tokens; CLIP reads only the first {context_length}, so the text "
+                f"after '…{kept[-40:]}' is ignored. Shorten the prompt to keep it all.")
+        log.warning(said)
+        warnings.append(said)
+    glue = word_glue(prompt, encode)
+    glued = None if glue is None else [False] + glue + [False]
+    plans = plan_positions(prompt, full_ids, list(words), [list(encode(w)) if w else [] for w in words],
+                           context_length, glued=glued, warnings=warnings)
+    return full_ids, plans, warnings
+
+
+_DEFAULT_TOKENIZER = []
+
+
+def default_tokenizer():
+    """bigG's tokenizer (open_clip's SimpleTokenizer with its bundled vocabulary: no model, no download)."""
+    if not _DEFAULT_TOKENIZER:
+        import open_clip
+
+        _DEFAULT_TOKENIZER.append(open_clip.get_tokenizer("ViT-bigG-14"))
+    return _DEFAULT_TOKENIZER[0]
+
+
+def check_prompt_words(prompt: str, words: Sequence[str], tokenizer=None, context_length: int = 77) -> list[str]:
+    """Every check `interleave_prompt` makes on the words, before any model is loaded; returns the warnings."""
+    return plan_prompt(tokenizer or default_tokenizer(), prompt, words, context_length)[2]
+
+
 def interleave_prompt(clip, prompt: str, subjects: Sequence[Subject]) -> Prompt:
     """Encode `prompt` with `clip` and substitute every subject at its word's tokens."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise InterleaveError("The prompt is empty. Write a prompt that names each subject, e.g. 'a dog wearing a hat'.")
-    features = clip.encode_text(prompt)
-    full_ids = [clip.tokenizer.sot_token_id] + clip.word_ids(prompt) + [clip.tokenizer.eot_token_id]
-    if len(full_ids) > clip.context_length:
-        kept = clip.tokenizer.decode(full_ids[1:clip.context_length - 1]).strip()
-        log.warning(
-            "the prompt is %d CLIP tokens; CLIP reads only the first %d, so the text after '…%s' is ignored. "
-            "Shorten the prompt to keep it all.", len(full_ids), clip.context_length, kept[-40:])
     words = [s.word for s in subjects]
-    plans = plan_positions(prompt, full_ids, words, [clip.word_ids(w) if w else [] for w in words], clip.context_length)
+    full_ids, plans, warnings = plan_prompt(clip.tokenizer, prompt, words, clip.context_length)
+    features = clip.encode_text(prompt)
     tokens = substitute(features.tokens, plans, [s.embedding for s in subjects], [s.weight for s in subjects])
     placements = [Placement(i, s.word, plans[i], s.weight) for i, s in enumerate(subjects)]
-    result = Prompt(prompt, features.pooled, tokens, features.mask, features.ids, placements)
+    result = Prompt(prompt, features.pooled, tokens, features.mask, features.ids, placements, warnings)
     log.info("interleaved %s", result.describe())
     return result
 

@@ -113,9 +113,24 @@ def _names(keys, accept, folders: bool) -> list[str]:
 
 # -- messages --------------------------------------------------------------------------------------------
 
+# Which input of which loader takes each manifest part: a file picked in the wrong menu is sent to the right one.
+PART_INPUTS = {
+    "prior": "Load Prior's prior_name",
+    "clip_text": "Load CLIP's clip_name",
+    "clip_vision": "Load CLIP's vision_name",
+    "decoder_unet": "Load Kandinsky Decoder's decoder_name",
+    "decoder_movq": "Load Kandinsky Decoder's movq_name",
+}
+
+
 def _entry_for(name: str, default_key: str):
     entries = manifest()
     return next((e for e in entries.values() if e.name == name), entries[default_key])
+
+
+def _default_text(default_key: str) -> str:
+    entry = manifest()[default_key]
+    return f"models/{entry.folder}/{entry.name} ({entry.size_text()}, {entry.url})"
 
 
 def _missing_message(what: str, name: str, keys: tuple, default_key: str) -> str:
@@ -123,12 +138,69 @@ def _missing_message(what: str, name: str, keys: tuple, default_key: str) -> str
     where = " or ".join(f"models/{k}" for k in keys)
     if not any(comfy.folder_bases(k) for k in keys):
         where += " (none of these folders exists yet)"
+    if entry.key != default_key:  # the default name of another part, picked in this menu
+        other = manifest()[entry.key]
+        return (f"{what} '{name}' is not in {where}: '{name}' is the {other.what}, which belongs in "
+                f"{PART_INPUTS.get(entry.key, 'another loader')}. The {what} is {_default_text(default_key)}.")
     if entry.name == name:
         fix = f"download {entry.url} ({entry.size_text()}) and save it as models/{entry.folder}/{entry.name}"
     else:
         fix = (f"put it into models/{keys[0]}/ (the default is {entry.name} from {entry.url}, "
                f"{entry.size_text()}, saved in models/{entry.folder}/)")
     return f"{what} '{name}' is not in {where}: {fix}."
+
+
+def what_file_is(path: Path) -> str | None:
+    """What a model file or folder is, from its headers only: 'the bigG text tower', 'the Kandinsky 2.2 MoVQ', …,
+    or the CLIP sniffer's own words for a foreign file (a T5, a CLIP-L, an SD UNet…); None when nothing is known."""
+    towers = clip_towers(path)
+    if towers == {"text"}:
+        return "the bigG text tower"
+    if towers == {"vision"}:
+        return "the bigG vision tower"
+    if towers:
+        return "a bigG CLIP holding both towers"
+    if path.is_file():
+        part = decoder_part(path)
+        if part is not None:
+            return "the Kandinsky 2.2 decoder UNet" if part == "unet" else "the Kandinsky 2.2 MoVQ"
+        if is_prior_file(path):
+            return "a λ-ECLIPSE prior"
+    elif _is_model_folder(path):
+        if is_prior_folder(path):
+            return "a λ-ECLIPSE prior folder"
+        if is_decoder_folder(path):
+            return "a Kandinsky 2.2 decoder folder"
+    from ..core.clip_formats import sniff_clip
+
+    try:
+        sniff_clip(path)
+    except (LambdaEclipseError, OSError) as exc:
+        text = str(exc)
+        # the sniffer says "<file> is <what it is> …"; keep that clause, drop its advice about CLIP
+        for marker in (" is ", " looks like "):
+            if marker in text:
+                clause = text.split(marker, 1)[1].split(". ")[0].split(";")[0].rstrip(".")
+                if clause and "not found" not in clause:
+                    return clause
+    return None
+
+
+_PART_OF = {"the bigG text tower": "clip_text", "the bigG vision tower": "clip_vision",
+            "the Kandinsky 2.2 decoder UNet": "decoder_unet", "the Kandinsky 2.2 MoVQ": "decoder_movq",
+            "a λ-ECLIPSE prior": "prior", "a λ-ECLIPSE prior folder": "prior",
+            "a Kandinsky 2.2 decoder folder": "decoder_unet"}
+
+
+def _wrong_file_message(what: str, name: str, path: Path, default_key: str) -> str:
+    found = what_file_is(path)
+    if found is None:
+        return (f"{what} '{name}' is not a file this loader can use (not a model file it recognises). "
+                f"The {what} is {_default_text(default_key)}. Pick another file in the menu.")
+    other = _PART_OF.get(found)
+    where = f"; it belongs in {PART_INPUTS[other]}" if other in PART_INPUTS and other != default_key else ""
+    return (f"{what} '{name}' is {found}, not the {what}{where}. The {what} is {_default_text(default_key)}. "
+            "Pick it in this menu.")
 
 
 DOWNLOAD_HINT = ("Or fetch every missing file at once: python -m lambda_eclipse download --models <ComfyUI>/models. "
@@ -145,17 +217,19 @@ def _resolve(keys, name, what, default_key) -> Path:
 
 
 def _validate(*checks: tuple) -> bool | str:
-    """VALIDATE_INPUTS: True, or every problem in one message (ComfyUI then stops before running anything;
-    it shows the message once per model input, so it names all the files at once)."""
+    """VALIDATE_INPUTS: True, or every problem in one message. ComfyUI stops before running anything and attaches
+    the message to each input named in VALIDATE_INPUTS, so each problem names its own input."""
     problems = []
-    for keys, name, what, default_key, accept in checks:
+    for check in checks:
+        keys, name, what, default_key, accept = check[:5]
+        label = f"{check[5]}: " if len(check) > 5 and check[5] else ""
         try:
             path = _resolve(keys, name, what, default_key)
         except LambdaEclipseError as exc:
-            problems.append(str(exc).replace(" " + DOWNLOAD_HINT, ""))
+            problems.append(label + str(exc).replace(" " + DOWNLOAD_HINT, ""))
             continue
         if accept is not None and not accept(path):
-            problems.append(f"{what} '{name}' is not a file this loader can use. Pick another file in the menu.")
+            problems.append(label + _wrong_file_message(what, name, path, default_key))
     if not problems:
         return True
     if any(" is not in models/" in p for p in problems):
@@ -192,9 +266,10 @@ class Slot:
     what: str
     key: str  # manifest key of the default file
     accept: Callable[[Path], bool]
+    input: str = ""  # the node input that holds this menu (named in messages)
 
     def check(self, name):
-        return (self.folders, name, self.what, self.key, self.accept)
+        return (self.folders, name, self.what, self.key, self.accept, self.input)
 
     def resolve(self, name) -> Path:
         return _resolve(self.folders, name, self.what, self.key)
@@ -399,13 +474,13 @@ def _no_movq_message(decoder_name: str) -> str:
 
 
 CLIP_PAIR = Pair(
-    Slot(CLIP_TEXT_FOLDERS, "bigG text tower", "clip_text", _accept_text),
-    Slot(CLIP_VISION_FOLDERS, "bigG vision tower", "clip_vision", _accept_vision),
+    Slot(CLIP_TEXT_FOLDERS, "bigG text tower", "clip_text", _accept_text, "clip_name"),
+    Slot(CLIP_VISION_FOLDERS, "bigG vision tower", "clip_vision", _accept_vision, "vision_name"),
     SAME_AS_CLIP, _holds_both_towers, _no_vision_message,
 )
 DECODER_PAIR = Pair(
-    Slot(UNET_FOLDERS, "Kandinsky 2.2 decoder UNet", "decoder_unet", _accept_unet),
-    Slot(MOVQ_FOLDERS, "Kandinsky 2.2 MoVQ", "decoder_movq", _accept_movq),
+    Slot(UNET_FOLDERS, "Kandinsky 2.2 decoder UNet", "decoder_unet", _accept_unet, "decoder_name"),
+    Slot(MOVQ_FOLDERS, "Kandinsky 2.2 MoVQ", "decoder_movq", _accept_movq, "movq_name"),
     SAME_AS_DECODER, lambda path: path.is_dir(), _no_movq_message,
 )
 

@@ -32,10 +32,18 @@ class LambdaEclipseInterleavePrompt:
             "optional": {
                 "subjects": ("LAMBDA_ECLIPSE_SUBJECTS", {"tooltip": "Optional: subjects from Encode Subject. Without them the prompt is plain text."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def interleave(self, clip, text, subjects=None):
-        prompt = interleave_prompt(clip.ready(), text, list(subjects or ()))
+    def interleave(self, clip, text, subjects=None, unique_id=None):
+        subjects = list(subjects or ())
+        prompt = interleave_prompt(clip.ready(), text, subjects)
+        # what the user should know (a prompt past 77 tokens, a subject's own notes): in the report and on the node
+        notes = [f"subject {s.word!r}: {n}" for s in subjects for n in getattr(s, "notes", ())]
+        if notes:
+            prompt = replace(prompt, warnings=list(prompt.warnings) + notes)
+        if prompt.warnings:
+            comfy.tell_node(unique_id, "\n".join(prompt.warnings))
         device = comfy.intermediate_device()  # cached outputs must not hold GPU memory
         prompt = replace(prompt, pooled=prompt.pooled.to(device), tokens=prompt.tokens.to(device),
                          mask=prompt.mask.to(device), ids=prompt.ids.to(device))

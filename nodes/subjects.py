@@ -83,6 +83,44 @@ def _empty_mask_message(mask_mode: str, alpha: bool) -> str:
     )
 
 
+_TRANSPARENT = ("The subject picture is fully transparent (its alpha is 0 everywhere): nothing of the subject is "
+                "visible. Re-export it with the subject opaque, or pick another picture in Load Image.")
+_UNWIRED_CUTOUT = ("the picture in Load Image is a cut-out (it has a transparent background), but Load Image's MASK "
+                   "is not connected to this node's mask, so the transparent background is used as it is (Load Image "
+                   "drops the alpha). Connect Load Image's MASK output to mask (mask_mode auto reads it) to keep only "
+                   "the subject, on white.")
+
+
+def _load_image_alpha(prompt, unique_id) -> str | None:
+    """When this node's image comes straight from Load Image and its mask is not wired: 'transparent' (alpha 0
+    everywhere), 'cutout' (some transparency), or None (opaque, not from Load Image, or unknown)."""
+    if not isinstance(prompt, dict) or unique_id is None:
+        return None
+    me = prompt.get(str(unique_id)) or {}
+    link = (me.get("inputs") or {}).get("image")
+    if not (isinstance(link, list) and len(link) == 2 and link[1] == 0):
+        return None
+    source = prompt.get(str(link[0])) or {}
+    if source.get("class_type") != "LoadImage":
+        return None
+    name = (source.get("inputs") or {}).get("image")
+    path = comfy.annotated_input_path(name) if isinstance(name, str) else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        from PIL import Image
+
+        with Image.open(path) as pil:
+            if pil.mode not in ("RGBA", "LA", "PA") and not (pil.mode == "P" and "transparency" in pil.info):
+                return None
+            low, high = pil.convert("RGBA").getchannel("A").getextrema()
+    except Exception:  # unreadable here: Load Image itself reports it
+        return None
+    if high == 0:
+        return "transparent"
+    return "cutout" if low < 255 else None
+
+
 class LambdaEclipseEncodeSubject:
     DESCRIPTION = (
         "Encodes a subject photo with the CLIP vision tower and ties it to a word of the prompt. Chain nodes "
@@ -111,11 +149,13 @@ class LambdaEclipseEncodeSubject:
             "optional": {
                 "mask": ("MASK", {"tooltip": "Optional: where the subject is. The rest becomes white and the image is cropped to the mask. One mask, or one per image. Load Image's MASK output is 1 = transparent background; mask_mode tells which convention this mask uses."}),
                 "subjects": ("LAMBDA_ECLIPSE_SUBJECTS", {"tooltip": "Optional: subjects from a previous Encode Subject, to chain several subjects."}),
-                "mask_mode": (MASK_MODES, {"default": "auto", "tooltip": "How to read the mask. '1 = subject': painted masks, segmentation nodes. '1 = background (Load Image alpha)': the MASK output of Load Image for a cut-out PNG (it is 1 − alpha), inverted here. auto: treated as Load Image's when the mask's border is clearly more 1 than its centre (border mean − centre mean ≥ 0.25), else as 1 = subject; the choice is logged."}),
+                "mask_mode": (MASK_MODES, {"default": "auto", "tooltip": "How to read the mask. '1 = subject': painted masks, segmentation nodes. '1 = background (Load Image alpha)': the MASK output of Load Image for a cut-out PNG (it is 1 − alpha), inverted here. auto: treated as Load Image's when the mask's border is clearly more 1 than its centre (border mean − centre mean ≥ 0.25), else as 1 = subject; the choice is logged. A mask that is 1 everywhere is refused in auto (from Load Image it means a fully transparent picture)."}),
             },
+            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
-    def encode(self, clip, image, word, weight=1.0, fit="crop", mask=None, subjects=None, mask_mode="auto"):
+    def encode(self, clip, image, word, weight=1.0, fit="crop", mask=None, subjects=None, mask_mode="auto",
+               prompt=None, unique_id=None):
         word = (word or "").strip()
         if not word:
             raise InputError("The subject word is empty. Type the word that names this subject in the prompt, e.g. 'dog'.")
@@ -131,6 +171,19 @@ class LambdaEclipseEncodeSubject:
         if image.ndim != 4 or image.shape[-1] not in (3, 4):
             raise InputError(f"The image must be an IMAGE [batch, height, width, 3] (or 4 channels with alpha); got shape {list(image.shape)}.")
         mask = _check_mask(image, mask)
+        notes: list[str] = []
+        if mask is None and image.shape[-1] == 3:
+            cutout = _load_image_alpha(prompt, unique_id)
+            if cutout == "transparent":
+                raise InputError(_TRANSPARENT)
+            if cutout == "cutout":
+                notes.append(_UNWIRED_CUTOUT)
+        if mask is not None and mask_mode == "auto" and bool((mask >= 0.5).all()):
+            raise InputError(
+                "The subject mask is 1 everywhere. From Load Image's MASK that means the picture is fully transparent: "
+                "nothing of the subject is visible (re-export it with the subject opaque). If you painted the whole "
+                f"image on purpose, disconnect the mask (the whole image is used), or set mask_mode to '{MASK_SUBJECT}'."
+            )
         if mask is not None:
             mode, why = resolve_mask_mode(mask, mask_mode)
             log.info("subject %r: mask read as %s (%s)", word, mode, why)
@@ -151,11 +204,14 @@ class LambdaEclipseEncodeSubject:
                     raise InputError(_empty_mask_message(mask_mode, alpha=False))
                 prepared.append((image[i], m))
         encoder = clip.ready()
-        rows = [encoder.encode_subject(img, m, fit).float().cpu() for img, m in prepared]
+        rows = [encoder.encode_subject(img, m, fit, notes).float().cpu() for img, m in prepared]
         embedding = average_embeddings(torch.stack(rows))
         log.info("subject %r: %d photo(s), weight %.2f%s", word, len(rows), weight,
                  ", alpha used as the subject mask" if has_alpha else "")
-        return (previous + (Subject(word, embedding, float(weight)),),)
+        notes = list(dict.fromkeys(notes))
+        if notes:
+            comfy.tell_node(unique_id, f"subject {word!r}: " + " ".join(notes))
+        return (previous + (Subject(word, embedding, float(weight), tuple(notes)),),)
 
 
 NODES = {"LambdaEclipseEncodeSubject": (LambdaEclipseEncodeSubject, "λ-ECLIPSE Encode Subject")}

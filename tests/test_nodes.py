@@ -89,7 +89,8 @@ def test_root_package_exports_the_mappings():
 def test_declarations_are_consistent(node_id, models):
     cls = NODE_CLASS_MAPPINGS[node_id]
     spec = cls.INPUT_TYPES()
-    assert set(spec) <= {"required", "optional"}
+    assert set(spec) <= {"required", "optional", "hidden"}
+    assert set(spec.get("hidden", {}).values()) <= {"PROMPT", "UNIQUE_ID", "EXTRA_PNGINFO"}
     assert cls.CATEGORY.startswith("λ-ECLIPSE")
     assert cls.DESCRIPTION and callable(getattr(cls, cls.FUNCTION))
     assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
@@ -98,9 +99,9 @@ def test_declarations_are_consistent(node_id, models):
     import inspect
 
     params = list(inspect.signature(getattr(cls, cls.FUNCTION)).parameters)[1:]
-    names = [n for section in ("required", "optional") for n in spec.get(section, {})]
+    names = [n for section in ("required", "optional", "hidden") for n in spec.get(section, {})]
     assert set(names) == set(params), (names, params)
-    for section in spec.values():
+    for section in (spec[k] for k in ("required", "optional") if k in spec):
         for name, decl in section.items():
             kind, options = decl[0], decl[1]
             assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
@@ -269,7 +270,11 @@ def test_load_image_mask_is_recognised_and_inverted(subject_clip, caplog_eclipse
     torch.testing.assert_close(forced, painted)
     as_is = encode(clip, "dog", image, mask=load_image_mask, mask_mode="1 = subject")[0].embedding
     assert not torch.allclose(as_is, painted)
-    whole = encode(clip, "dog", image, mask=torch.ones(1, 64, 80))[0].embedding  # all 1: the whole image, not inverted
+    # all 1 in auto: from Load Image that is a fully transparent picture (issue 18), so it is refused; said to be a
+    # painted "whole image" mask, it is the whole image, not inverted
+    with pytest.raises(InputError, match="mask is 1 everywhere.*fully transparent"):
+        encode(clip, "dog", image, mask=torch.ones(1, 64, 80))
+    whole = encode(clip, "dog", image, mask=torch.ones(1, 64, 80), mask_mode="1 = subject")[0].embedding
     torch.testing.assert_close(whole, encode(clip, "dog", image)[0].embedding)
 
 
