@@ -19,7 +19,7 @@ import torch
 
 from .seeds import generator as torch_generator
 from .seeds import seed_list
-from .errors import InputError, ModelFileError
+from .errors import InputError, ModelFileError, NonFiniteError
 from .loading import resolve_dtype
 
 log = logging.getLogger("lambda_eclipse")
@@ -397,19 +397,33 @@ def decode(
             if callback is not None:
                 callback(i, total)
 
-        if dtype in _HALF and not torch.isfinite(latents).all():
-            log.warning("The UNet produced non-finite latents in %s; the image will be wrong. Try bf16 or fp32.", dtype)
+        if not torch.isfinite(latents).all():
+            raise NonFiniteError(_nonfinite_latents_message(unet, dtype))
         image = movq.decode(latents.to(movq.dtype), force_not_quantize=True).sample
 
     if image.dtype in _HALF and not torch.isfinite(image).all():
         log.warning("The MoVQ decode overflowed in %s; decoding again in fp32.", image.dtype)
         image = _decode_fp32(movq, latents)
+    if not torch.isfinite(image).all():
+        raise NonFiniteError(
+            "The MoVQ turned finite latents into NaN/inf pixels, so the picture would be black. Its weights are "
+            "probably damaged: run `python -m lambda_eclipse check` and re-download the MoVQ "
+            "(kandinsky-2-2-movq.safetensors) if it is named there."
+        )
 
     # Outside inference mode, so the caller gets an ordinary tensor it may modify in place.
     with torch.no_grad():
         image = image * 0.5 + 0.5
         image = image.clamp(0, 1)
         return image.cpu().permute(0, 2, 3, 1).float().contiguous()
+
+
+def _nonfinite_latents_message(unet, dtype) -> str:
+    lora = "; or a decoder LoRA applied to it holds extreme values (try it at strength 0)" if hasattr(unet, "loras") else ""
+    half = (f" In {str(dtype).replace('torch.', '')} the UNet can overflow: try bf16 or fp32." if dtype in _HALF else "")
+    return ("The decoder UNet produced NaN/inf latents, so the picture would be black; nothing was saved."
+            f"{half} Otherwise its weights are damaged (run `python -m lambda_eclipse check`){lora}; check also the "
+            "embeddings given to it (guidance, a Lerp of non-finite embeds).")
 
 
 def _decode_fp32(movq, latents: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from .decoder import DECODER_URL, KandinskyDecoder, _scheduler_from_config
-from .errors import InputError, MissingModelsError, ModelFileError
+from .errors import InputError, MissingModelsError, ModelFileError, NonFiniteError
 from .loading import read_json, resolve_dtype, save_file_atomic
 
 log = logging.getLogger("lambda_eclipse")
@@ -328,7 +328,16 @@ def _load_model_file(cls, config: Mapping[str, Any], path: Path, header: _Header
             # file would change (or crash) when the file is rewritten in place while it is in use.
             state[key] = tensor.to(target, copy=True)
             del tensor
+            if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all()):
+                bad = state[key]
+                raise NonFiniteError(
+                    f"{path.name}: the {what} tensor '{file_key}' holds {int(bad.isnan().sum())} NaN and "
+                    f"{int(bad.isinf().sum())} infinite values (of {bad.numel()}), so every picture would be black. "
+                    f"The file is damaged or was saved from a diverged run: download it again from {DECODER_URL}."
+                )
         handle = None
+    except NonFiniteError:
+        raise
     except Exception as exc:  # safetensors raises SafetensorError/OSError for damaged files
         raise ModelFileError(
             f"The {what} weights in {path} could not be read ({type(exc).__name__}: {exc}). "
@@ -528,6 +537,12 @@ def _load_folder_model(cls, folder: Path, config: dict, dtype: torch.dtype, what
     model = _from_pretrained(
         cls, str(folder), what, torch_dtype=dtype, use_safetensors=use_safetensors, variant=variant, local_files_only=True,
     )
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(
+                f"{folder}: the {what} tensor '{name}' holds NaN or infinite values, so every picture would be black. "
+                f"The weights are damaged: download them again from {DECODER_URL}."
+            )
     return model.eval()
 
 

@@ -71,6 +71,10 @@ class DeviceError(InputError):
     """The device asked for (cuda, cuda:N, mps, …) does not exist or is not visible to torch."""
 
 
+class NonFiniteError(LambdaEclipseError):
+    """A model, a LoRA or a run produced NaN or infinity: the result would be a black or broken picture."""
+
+
 class Cancelled(LambdaEclipseError):
     """The user stopped a run (raised by a progress callback)."""
 

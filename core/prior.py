@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .errors import ModelFileError
+from .errors import ModelFileError, NonFiniteError
 from .loading import (
     CheckCache,
     first_existing,
@@ -380,6 +380,7 @@ def load_prior(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     weights, config_path = resolve_prior_files(path)
     state_dict = load_state_dict(weights)
     check_is_lambda_prior(state_dict, weights.name)
+    check_prior_values(state_dict, weights.name)
 
     inferred: dict[str, Any] = {}
     if config_path is not None:
@@ -445,6 +446,29 @@ class PriorFileInfo:
 _SNIFF_CACHE = CheckCache()
 
 
+FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+
+
+def _not_float_message(name: str, key: str, dtype: str) -> str:
+    return (f"{name}: the prior tensor '{key}' is stored as {dtype}, not as floating point (fp32/fp16/bf16). A "
+            "quantised or converted prior cannot be used as it is: use the published fp32 file, or re-export the "
+            "prior with `python -m lambda_eclipse.trainer export`.")
+
+
+def check_prior_values(state_dict, name: str):
+    """Every prior tensor floating point and finite: an int8/bool prior or one holding NaN (a diverged run) would
+    make pictures from garbage without a word."""
+    for key, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            raise ModelFileError(_not_float_message(name, key, str(tensor.dtype).replace("torch.", "")))
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(
+                f"{name}: the prior tensor '{key}' holds {int(tensor.isnan().sum())} NaN and {int(tensor.isinf().sum())} "
+                "infinite values, so its embeddings would be NaN. The file is damaged or was saved from a diverged "
+                "training run: use another checkpoint, or download the published prior again."
+            )
+
+
 def sniff_prior(path: str | os.PathLike) -> PriorFileInfo:
     """Check from the header only (keys and shapes) that a file or folder is a λ-ECLIPSE prior.
 
@@ -464,10 +488,15 @@ def _sniff_prior_uncached(weights: Path) -> PriorFileInfo:
 
     try:
         with safe_open(str(weights), framework="pt") as handle:
-            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+            slices = {k: handle.get_slice(k) for k in handle.keys()}
+            shapes = {k: tuple(v.get_shape()) for k, v in slices.items()}
+            dtypes = {k: str(v.get_dtype()) for k, v in slices.items()}
     except Exception as exc:
         raise ModelFileError(f"{weights.name} is not a readable .safetensors file ({exc}). Re-download it.") from exc
     check_is_lambda_prior(shapes, weights.name)
+    for key, dtype in dtypes.items():
+        if dtype.upper() not in FLOAT_DTYPES:
+            raise ModelFileError(_not_float_message(weights.name, key, dtype))
     try:
         width, embedding_dim = shapes["proj_in.weight"]
         layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks."))
