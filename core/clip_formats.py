@@ -128,6 +128,9 @@ def _is_safetensors(path: Path) -> bool:
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[torch.dtype | None, tuple]], dict[str, str]]:
     """({name: (dtype, shape)}, metadata) from a .safetensors header, without touching the tensor data."""
     path = Path(path)
+    from .fsio import require_regular_file
+
+    require_regular_file(path, "weight file", ModelFileError)
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:

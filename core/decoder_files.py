@@ -75,6 +75,9 @@ class _Header:
 
 
 def _file_key(path: Path) -> tuple[str, int, int]:
+    from .fsio import require_regular_file
+
+    require_regular_file(path, "weight file", ModelFileError)
     resolved = path.resolve()
     stat = resolved.stat()
     return str(resolved), stat.st_mtime_ns, stat.st_size
@@ -204,6 +207,11 @@ def sniff_decoder_file(path: str | os.PathLike) -> str:
     """
     path = Path(path).expanduser()
     if not path.is_file():
+        from .fsio import not_regular_reason
+
+        reason = not_regular_reason(path)
+        if reason is not None:
+            raise ModelFileError(f"{path} {reason}. Give the path of the .safetensors file.")
         raise MissingModelsError(f"{path} does not exist or is not a file.")
     if path.suffix.lower() != ".safetensors":
         raise ModelFileError(

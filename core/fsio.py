@@ -63,6 +63,38 @@ def file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
+# -- reading: only regular files ------------------------------------------------------------------------
+
+def not_regular_reason(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be read as a file without blocking or running away: 'is a FIFO (named pipe)', 'is a
+    device (like /dev/zero)', 'is a socket', 'is a folder'; None for a regular file (or a link to one) or an
+    absent path (the caller says "not found" in its own words)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO (named pipe), not a file: reading it would wait forever"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device (like /dev/zero), not a file"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a file"
+    return "is not a regular file"
+
+
+def require_regular_file(path: str | os.PathLike, what: str, error=None):
+    """Raise `error` (default InputError) when `path` exists but is not a regular file; see not_regular_reason."""
+    reason = not_regular_reason(path)
+    if reason is not None:
+        raise (error or InputError)(f"The {what} {str(path)!r} {reason}. Give the path of a real file.")
+
+
 # -- writing ---------------------------------------------------------------------------------------------
 
 def _why(exc: OSError) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .fsio import not_regular_reason
 from .errors import ImageFileError, InputError
 
 MAX_PIXELS = 64_000_000  # 64 megapixels: far above what a subject needs (CLIP sees 224×224)
@@ -60,6 +61,9 @@ def open_image(path, what: str = "subject image", max_pixels: int | None = MAX_P
         raise ImageFileError(f"{name} does not exist. Check the path{hint}.")
     if path.is_dir():
         raise ImageFileError(f"{name} is a folder, not an image file. Give the path of a .png or .jpg file.")
+    reason = not_regular_reason(path)
+    if reason is not None:
+        raise ImageFileError(f"{name} {reason}. Give the path of a .png or .jpg file.")
     try:
         size = path.stat().st_size
     except OSError as exc:

@@ -11,6 +11,7 @@ from typing import Iterable
 import torch
 
 from .errors import ModelFileError
+from .fsio import require_regular_file
 
 log = logging.getLogger("lambda_eclipse")
 
@@ -27,6 +28,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ModelFileError(f"Weight file not found: {path}. Check the path or put the file there.")
     if path.is_dir():
         raise ModelFileError(f"{path} is a folder, not a weight file.")
+    require_regular_file(path, "weight file", ModelFileError)
     suffix = path.suffix.lower()
     if suffix in SAFE_SUFFIXES:
         from safetensors.torch import load_file
@@ -56,6 +58,7 @@ def load_plain_tensors(path: str | os.PathLike):
     import warnings
 
     path = Path(path)
+    require_regular_file(path, "weight file", ModelFileError)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's pickle-protocol notes are not the user's business
@@ -92,6 +95,7 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         return {}
+    require_regular_file(path, "weight file", ModelFileError)
     from safetensors import safe_open
 
     try:
@@ -101,8 +105,18 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise ModelFileError(f"{path.name} is not a readable .safetensors file ({exc}).") from exc
 
 
+MAX_JSON_BYTES = 16 << 20  # a config, index or manifest; anything larger is not one of ours
+
+
 def read_json(path: str | os.PathLike) -> dict:
     path = Path(path)
+    require_regular_file(path, "JSON file", ModelFileError)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ModelFileError(f"{path} is {path.stat().st_size / 1e6:.0f} MB: too large for a JSON config "
+                                 f"(at most {MAX_JSON_BYTES >> 20} MB). Is it the right file?")
+    except OSError:
+        pass
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)

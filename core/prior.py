@@ -367,6 +367,9 @@ def resolve_prior_files(path: str | os.PathLike) -> tuple[Path, Path | None]:
         return weights, config if config.is_file() else None
     if not path.exists():
         raise ModelFileError(f"Prior not found: {path}. Give a .safetensors file or a folder with config.json.")
+    from .fsio import require_regular_file
+
+    require_regular_file(path, "prior file", ModelFileError)
     sibling = path.parent / "config.json"
     # A config.json next to a single file is used only when the file is the folder's own weights.
     if path.name in WEIGHT_NAMES and sibling.is_file():
