@@ -278,6 +278,8 @@ def decode(
     init_image=None,
     strength: float = 1.0,
     preview: Callable[[int, int, torch.Tensor], None] | None = None,
+    regions: Sequence | None = None,
+    batch_regions: bool | None = None,
 ) -> torch.Tensor:
     """Image embeddings [B,E] (negatives [1,E] or [B,E]) → images [B,H,W,3], float32 in [0,1], on the CPU.
 
@@ -288,6 +290,10 @@ def decode(
     `latents` replaces the seeded starting noise. `callback(step_index, total_steps)` runs after every
     step (an exception it raises, e.g. `Cancelled`, stops the run at once); `preview(step_index, total,
     latents)` gets the scheduler's x0 prediction when it has one (else the current latents; do not modify).
+    `regions` (core.regions.Region or (embeds, negative, mask, strength) tuples) blend each region's own noise
+    prediction into its part of the picture (see core/regions.py); `batch_regions` runs all branches in one UNet
+    call per step (default: on CUDA; elsewhere one call per branch, which is exact and no slower on a CPU), falling
+    back to one call per branch when the GPU runs out of memory.
     """
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -333,6 +339,18 @@ def decode(
 
     unet, movq = decoder.unet, decoder.movq
     device, dtype = decoder.device, decoder.dtype
+    branches = None
+    if regions:
+        from .regions import plan
+
+        base_negative = None
+        if do_cfg:
+            base_negative = negative_embeds.expand(batch, -1)
+        branches = plan(image_embeds, base_negative, list(regions), (shape[2], shape[3]), scale, embed_dim)
+        if batch_regions is None:
+            batch_regions = torch.device(device).type == "cuda"
+        log.info("decoding with %d region(s): %d UNet branch(es) per step, %s", len(regions), len(branches),
+                 "one batched call" if batch_regions else "one call each")
     scheduler = decoder.new_scheduler(sampler)
     # CPU generators, one per image: randn_tensor draws image i from generator i (on the CPU, then moves it),
     # for the starting noise and for every DDPM/ancestral step noise alike.
@@ -374,19 +392,37 @@ def decode(
         step_kwargs = _step_kwargs(scheduler, generator)
         added_cond_kwargs = {"image_embeds": embeds}
         total = len(timesteps)
-        for i, t in enumerate(timesteps):
-            model_input = torch.cat([latents] * 2) if do_cfg else latents
-            model_input = scheduler.scale_model_input(model_input, t)  # identity for DDPM/DDIM/DPM-Solver
-            noise_pred = unet(
-                sample=model_input, timestep=t, encoder_hidden_states=None,
-                added_cond_kwargs=added_cond_kwargs, return_dict=False,
-            )[0]
+        def guide(noise_pred):
             if do_cfg:
                 noise_pred, variance_pred = noise_pred.split(latents.shape[1], dim=1)
                 noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                 _, variance_pred_text = variance_pred.chunk(2)
                 noise_pred = noise_pred_uncond + guidance * (noise_pred_text - noise_pred_uncond)
                 noise_pred = torch.cat([noise_pred, variance_pred_text], dim=1)
+            return noise_pred
+
+        region_state = {"batched": bool(batch_regions)}
+        if branches is not None:
+            branch_embeds = []
+            for branch in branches:
+                cond = branch.embeds.to(device=device, dtype=dtype)
+                if do_cfg:
+                    cond = torch.cat([branch.negative.to(device=device, dtype=dtype), cond], dim=0)
+                branch_embeds.append(cond)
+            coefficients = [b.coefficient for b in branches]
+            if not bool((coefficients[0] != 0).any()):  # regions cover the picture: the base is not needed
+                branch_embeds, coefficients = branch_embeds[1:], coefficients[1:]
+
+        for i, t in enumerate(timesteps):
+            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)  # identity for DDPM/DDIM/DPM-Solver
+            if branches is None:
+                noise_pred = guide(unet(
+                    sample=model_input, timestep=t, encoder_hidden_states=None,
+                    added_cond_kwargs=added_cond_kwargs, return_dict=False,
+                )[0])
+            else:
+                noise_pred = _blend_branches(unet, model_input, t, branch_embeds, coefficients, guide, region_state)
             if not learned_variance:
                 noise_pred, _ = noise_pred.split(latents.shape[1], dim=1)
             output = scheduler.step(noise_pred, t, latents, **step_kwargs)
@@ -416,6 +452,30 @@ def decode(
         image = image * 0.5 + 0.5
         image = image.clamp(0, 1)
         return image.cpu().permute(0, 2, 3, 1).float().contiguous()
+
+
+def _blend_branches(unet, model_input, t, branch_embeds, coefficients, guide, state) -> torch.Tensor:
+    """Each branch's guided noise prediction, blended per latent pixel (core.regions.blend). Batched into one UNet
+    call while memory allows; after an out-of-memory error, one call per branch for the rest of the run."""
+    from .regions import blend
+
+    def one(embeds):
+        return guide(unet(sample=model_input, timestep=t, encoder_hidden_states=None,
+                          added_cond_kwargs={"image_embeds": embeds}, return_dict=False)[0])
+
+    if state["batched"] and len(branch_embeds) > 1:
+        try:
+            out = unet(sample=torch.cat([model_input] * len(branch_embeds)), timestep=t, encoder_hidden_states=None,
+                       added_cond_kwargs={"image_embeds": torch.cat(branch_embeds)}, return_dict=False)[0]
+            predictions = [guide(part) for part in out.chunk(len(branch_embeds))]
+            return blend(predictions, coefficients)
+        except torch.OutOfMemoryError:
+            state["batched"] = False
+            log.warning("Out of memory with %d region branches in one UNet call; running them one at a time.",
+                        len(branch_embeds))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return blend([one(e) for e in branch_embeds], coefficients)
 
 
 def _nonfinite_latents_message(unet, dtype) -> str:
