@@ -199,3 +199,139 @@ def blend(predictions: Sequence[torch.Tensor], coefficients: Sequence[torch.Tens
         term = pred * coef.to(device=pred.device, dtype=pred.dtype)
         out = term if out is None else out + term
     return out
+
+
+# -- layouts: where regions go without painting a mask ----------------------------------------------------
+
+# name → (x0, y0, x1, y1) as fractions of the picture
+AREAS = {
+    "left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0),
+    "top": (0.0, 0.0, 1.0, 0.5), "bottom": (0.0, 0.5, 1.0, 1.0),
+    "top-left": (0.0, 0.0, 0.5, 0.5), "top-right": (0.5, 0.0, 1.0, 0.5),
+    "bottom-left": (0.0, 0.5, 0.5, 1.0), "bottom-right": (0.5, 0.5, 1.0, 1.0),
+    "center": (0.25, 0.25, 0.75, 0.75), "full": (0.0, 0.0, 1.0, 1.0),
+}
+# layout name → the areas its regions take, in order
+LAYOUTS = {
+    "left-right": ("left", "right"),
+    "top-bottom": ("top", "bottom"),
+    "grid-2x2": ("top-left", "top-right", "bottom-left", "bottom-right"),
+}
+
+
+def layout_name(text) -> str:
+    """'left / right', 'Left_Right', 'grid 2x2' → 'left-right', 'grid-2x2' (the LAYOUTS keys)."""
+    import re
+
+    return re.sub(r"[\s/_-]+", "-", str(text).strip().lower())
+
+
+def area_mask(name: str, width: int, height: int) -> torch.Tensor:
+    """[H,W] float mask, 1 inside the named area (AREAS) or an 'x0,y0,x1,y1' box in fractions of the picture."""
+    key = str(name).strip().lower().replace("_", "-")
+    if key in AREAS:
+        box = AREAS[key]
+    else:
+        try:
+            box = tuple(float(v) for v in key.split(","))
+        except ValueError:
+            box = ()
+        if len(box) != 4 or not all(0.0 <= v <= 1.0 for v in box) or box[0] >= box[2] or box[1] >= box[3]:
+            raise InputError(
+                f"{name!r} is not an area: use one of {', '.join(AREAS)}, a box 'x0,y0,x1,y1' in fractions of the picture "
+                "(e.g. '0,0,0.4,1' for the left 40%), or a mask image file."
+            )
+    x0, y0, x1, y1 = box
+    mask = torch.zeros(height, width)
+    mask[round(y0 * height):round(y1 * height), round(x0 * width):round(x1 * width)] = 1
+    return mask
+
+
+@dataclass
+class RegionSpec:
+    """A region as a user writes it: its own prompt and subjects, and where it goes (an area name, a box, or a mask
+    image file), before any model has run."""
+
+    prompt: str
+    subjects: list = None  # [(word, image, mask)]
+    where: str = ""  # area name, 'x0,y0,x1,y1', or a mask image path
+    strength: float = 1.0
+    feather: float = 0.0
+
+    def __post_init__(self):
+        self.subjects = list(self.subjects or [])
+
+
+def parse_layout(data, base_dir=None) -> list[RegionSpec]:
+    """A layout file's content → RegionSpecs. Format (JSON):
+
+        {"layout": "left-right",                    # optional: gives each region its area in order
+         "feather": 32,                             # optional default for every region (pixels)
+         "regions": [
+            {"prompt": "a dog on a beach", "subjects": {"dog": "dog.jpg"}},
+            {"prompt": "a cat on a beach", "subjects": {"cat": "cat.jpg"}, "strength": 0.9},
+            {"prompt": "a hat", "subjects": {"hat": "hat.jpg"}, "where": "0.3,0,0.7,0.3"}   # or an area / mask file
+         ]}
+
+    Subject images and mask files are relative to the layout file's folder.
+    """
+    from pathlib import Path
+
+    if not isinstance(data, dict) or not isinstance(data.get("regions"), list) or not data["regions"]:
+        raise InputError('A layout needs a "regions" list, e.g. {"layout": "left-right", "regions": [{"prompt": "a dog", '
+                         '"subjects": {"dog": "dog.jpg"}}, {"prompt": "a cat", "subjects": {"cat": "cat.jpg"}}]}.')
+    unknown = set(data) - {"layout", "regions", "feather"}
+    if unknown:
+        raise InputError(f"Unknown layout key(s) {sorted(unknown)}: a layout has layout, feather and regions.")
+    areas: tuple = ()
+    if data.get("layout") is not None:
+        name = layout_name(data["layout"])
+        if name not in LAYOUTS:
+            raise InputError(f"Unknown layout {data['layout']!r}: use one of {', '.join(LAYOUTS)}, or give each region a 'where'.")
+        areas = LAYOUTS[name]
+        if len(data["regions"]) > len(areas):
+            raise InputError(f"Layout {name!r} has {len(areas)} areas but {len(data['regions'])} regions are given.")
+    base = Path(base_dir) if base_dir is not None else None
+    out = []
+    for i, raw in enumerate(data["regions"]):
+        if not isinstance(raw, dict):
+            raise InputError(f"Region {i + 1} of the layout must be an object with prompt, subjects and where.")
+        extra = set(raw) - {"prompt", "subjects", "where", "strength", "feather"}
+        if extra:
+            raise InputError(f"Region {i + 1}: unknown key(s) {sorted(extra)} (use prompt, subjects, where, strength, feather).")
+        prompt = raw.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"Region {i + 1} of the layout has no prompt: give it its own, e.g. \"a dog on a beach\".")
+        where = raw.get("where") or (areas[i] if i < len(areas) else "")
+        if not where:
+            raise InputError(f"Region {i + 1} has no 'where' and the layout names no area for it: add \"where\": \"left\" "
+                             "(an area, a box 'x0,y0,x1,y1' or a mask file), or a \"layout\".")
+        subjects = raw.get("subjects") or {}
+        if not isinstance(subjects, dict):
+            raise InputError(f"Region {i + 1}: subjects must be an object word → image file, e.g. {{\"dog\": \"dog.jpg\"}}.")
+
+        def resolve(value):
+            p = Path(str(value)).expanduser()
+            return p if p.is_absolute() or base is None else base / p
+
+        parsed = []
+        for word, image in subjects.items():
+            image, _, mask = str(image).partition("::")  # word: "photo.png::mask.png" for a subject mask
+            parsed.append((str(word), resolve(image), resolve(mask) if mask else None))
+        where_text = str(where)
+        is_file = where_text.lower() not in AREAS and "," not in where_text
+        out.append(RegionSpec(prompt, parsed, str(resolve(where_text)) if is_file else where_text,
+                              _strength(raw.get("strength", 1.0), i),
+                              _feather(raw.get("feather", data.get("feather", 0.0)), i)))
+    return out
+
+
+def spec_mask(spec: RegionSpec, width: int, height: int) -> torch.Tensor:
+    """The region's mask [H,W] at the picture's size: an area, a box, or a mask image (white = here)."""
+    where = spec.where
+    if where.strip().lower().replace("_", "-") in AREAS or "," in where:
+        return area_mask(where, width, height)
+    from .images import mask_array, open_image
+
+    image = open_image(where, what="region mask")
+    return torch.from_numpy(mask_array(image, (width, height))).float().clamp(0, 1)

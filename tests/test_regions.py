@@ -181,3 +181,56 @@ def test_bad_regions_are_refused_before_any_step(decoder, emb, bad, message, mon
     monkeypatch.setattr(decoder.unet, "forward", lambda *a, **k: pytest.fail("the UNet ran"))
     with pytest.raises(InputError, match=message):
         run(decoder, emb, [bad(emb)])
+
+
+# -- layouts ------------------------------------------------------------------------------------------------
+
+def test_built_in_areas_and_boxes():
+    from lambda_eclipse.core.regions import area_mask
+
+    left_half = area_mask("left", 8, 4)
+    assert left_half[:, :4].eq(1).all() and left_half[:, 4:].eq(0).all()
+    assert (area_mask("left", 8, 4) + area_mask("right", 8, 4)).eq(1).all()
+    quads = sum(area_mask(n, 8, 8) for n in ("top-left", "top-right", "bottom-left", "bottom-right"))
+    assert quads.eq(1).all()
+    box = area_mask("0,0,0.25,1", 8, 4)
+    assert box.sum() == 8 and box[:, :2].eq(1).all()
+    for bad in ("middle", "0,0,2,1", "0.5,0,0.2,1"):
+        with pytest.raises(InputError, match="is not an area"):
+            area_mask(bad, 8, 4)
+
+
+def test_layout_file_format(tmp_path):
+    from lambda_eclipse.core.regions import parse_layout, spec_mask
+
+    from PIL import Image
+
+    Image.new("L", (16, 8), 0).save(tmp_path / "m.png")
+    specs = parse_layout({"layout": "left / right", "feather": 8, "regions": [
+        {"prompt": "a dog on a beach", "subjects": {"dog": "dog.jpg"}},
+        {"prompt": "a cat", "subjects": {"cat": "cat.png::cat_mask.png"}, "strength": 0.5, "where": "m.png"},
+    ]}, base_dir=tmp_path)
+    assert specs[0].where == "left" and specs[0].subjects == [("dog", tmp_path / "dog.jpg", None)]
+    assert specs[0].feather == 8 and specs[1].strength == 0.5
+    assert specs[1].subjects == [("cat", tmp_path / "cat.png", tmp_path / "cat_mask.png")]
+    assert specs[1].where == str(tmp_path / "m.png")
+    assert spec_mask(specs[0], 16, 8)[:, :8].eq(1).all()
+    assert spec_mask(specs[1], 16, 8).eq(0).all()
+
+
+@pytest.mark.parametrize("data, message", [
+    ({}, 'needs a "regions" list'),
+    ({"regions": [{"prompt": "a dog"}]}, "has no 'where'"),
+    ({"layout": "diagonal", "regions": [{"prompt": "a"}]}, "Unknown layout 'diagonal'"),
+    ({"layout": "left-right", "regions": [{"prompt": "a"}] * 3}, "has 2 areas but 3 regions"),
+    ({"layout": "left-right", "regions": [{"text": "a"}]}, "unknown key"),
+    ({"layout": "left-right", "regions": [{"prompt": ""}]}, "has no prompt"),
+    ({"layout": "left-right", "regions": [{"prompt": "a", "strength": 3}]}, "strength must be"),
+    ({"layout": "left-right", "regions": [{"prompt": "a", "subjects": ["dog.jpg"]}]}, "subjects must be an object"),
+    ({"layout": "left-right", "colour": 1, "regions": [{"prompt": "a"}]}, "Unknown layout key"),
+])
+def test_bad_layouts_say_what_to_write(data, message):
+    from lambda_eclipse.core.regions import parse_layout
+
+    with pytest.raises(InputError, match=message):
+        parse_layout(data)
