@@ -335,3 +335,38 @@ def spec_mask(spec: RegionSpec, width: int, height: int) -> torch.Tensor:
 
     image = open_image(where, what="region mask")
     return torch.from_numpy(mask_array(image, (width, height))).float().clamp(0, 1)
+
+
+def sample_regions(models, specs: Sequence[RegionSpec], seeds: Sequence[int], width: int, height: int,
+                   fit: str = "crop", cache: dict | None = None) -> list[Region]:
+    """Each RegionSpec's own prompt and subjects through CLIP and the prior (with the run's seeds), its mask at the
+    picture's size: the Regions `decode` takes. `cache` shares subject encodings with the base (same photo, once)."""
+    from .interleave import interleave_prompt
+    from .pipeline import SubjectInput, encode_subjects, sample_prior
+
+    clip = models.clip
+    blank = clip.blank_embedding()
+    out = []
+    for spec in specs:
+        subjects = [SubjectInput(word, image, mask) for word, image, mask in spec.subjects]
+        prompt = interleave_prompt(clip, spec.prompt, encode_subjects(clip, subjects, fit, cache=cache))
+        embeds = sample_prior(models.prior, prompt, blank, None, list(seeds))
+        out.append(Region(embeds.embeds, embeds.negative, spec_mask(spec, width, height), spec.strength, spec.feather))
+    return out
+
+
+def check_specs(specs: Sequence[RegionSpec], width: int, height: int):
+    """Everything about the regions that can be known before a model loads: words against their prompts (the
+    tokenizer alone), the images and masks readable, each mask not empty."""
+    from .images import open_image
+    from .interleave import check_prompt_words
+
+    for i, spec in enumerate(specs):
+        check_prompt_words(spec.prompt, [word for word, _image, _mask in spec.subjects])
+        for _word, image, mask in spec.subjects:
+            open_image(image, what=f"region {i + 1} subject image")
+            if mask is not None:
+                open_image(mask, what=f"region {i + 1} subject mask")
+        if not bool((spec_mask(spec, width, height) > 0).any()):
+            raise InputError(f"Region {i + 1}'s mask ({spec.where}) is empty at {width}×{height}: nothing of the picture "
+                             "would use it. Paint it, or choose another area.")
