@@ -387,11 +387,11 @@ def test_hard_kill_after_a_checkpoint_resumes_to_the_same_lora(tiny_models, phot
 
     code = ("import os, sys\n"
             "from lambda_eclipse.trainer import finetune_decoder as F\n"
-            "orig = F.torch_save_atomic\n"
-            "def hook(obj, path):\n"
-            "    orig(obj, path)\n"
+            "orig = F.save_state\n"
+            "def hook(obj, path, **kw):\n"
+            "    orig(obj, path, **kw)\n"
             "    if obj['step'] == int(os.environ['KILL_AT']): os._exit(137)\n"
-            "F.torch_save_atomic = hook\n"
+            "F.save_state = hook\n"
             "from lambda_eclipse.trainer.__main__ import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
     common = ("--steps", "4", "--save-every", "2", "--lr", "1e-3", "--progress", "false", "--sample-every", "2",

@@ -387,7 +387,8 @@ def test_ddp_two_processes_match_single(world, tmp_path):
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     st = json.loads((tmp_path / "two" / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())
     assert st["world_size"] == 2
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step-00000008").glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step-00000008").glob("rng-*")) == \
+        ["rng-0.safetensors", "rng-1.safetensors"]  # per-rank RNG states, as tensors + JSON (nothing pickled)
     a = state(single["final_checkpoint"])
     b = state(tmp_path / "two" / "checkpoints" / "step-00000008")
     for k in a:

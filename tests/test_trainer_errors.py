@@ -309,7 +309,7 @@ def test_written_files_get_the_mode_open_would_give(small, tmp_path, umask, monk
     want = 0o666 & ~umask
     files = [p for d in (feats, run, tmp_path / "prior") for p in d.rglob("*") if p.is_file()] + [tmp_path / "p1.safetensors"]
     assert any(p.suffix == ".safetensors" and p.parent.name == "shards" for p in files)
-    assert any(p.name == "optimizer.pt" for p in files) and any(p.name == "curves.png" for p in files)
+    assert any(p.name == "optimizer.safetensors" for p in files) and any(p.name == "curves.png" for p in files)
     bad = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
            if stat.S_IMODE(p.stat().st_mode) != want}
     assert not bad, (oct(want), bad)

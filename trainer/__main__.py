@@ -1,7 +1,8 @@
 """python -m lambda_eclipse.trainer extract|train|eval|export|finetune-decoder …  (see TRAINING.md).
 
-A user error (a missing file, a bad value, a refused resume) prints one line, ``error: <message>``,
-to stderr and exits with status 2, without a traceback. A traceback means a bug.
+A user error (a missing file, a bad value, a refused resume, a folder that cannot be written) prints one
+line, ``error: <message>``, to stderr and exits with status 2, without a traceback; Ctrl-C prints one line
+and exits with status 130 (the checkpoints written so far stay intact). A traceback means a bug.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from pathlib import Path
 
 from ..core.errors import LambdaEclipseError
 from .errors import ConfigError
-from .settings import EVAL_RULES, EXTRACT_RULES, FILTER_RULES, TRAIN_RULES, Rule
+from .settings import EVAL_RULES, EXTRACT_RULES, FILTER_RULES, FINETUNE_RULES, TRAIN_RULES, Rule
 
 USAGE_ERROR = 2  # exit status of every user error (argparse's own convention)
+INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as a shell reports it
+#: The extras each command imports (pyproject's [train]); checked before anything else runs.
+COMMAND_EXTRAS = {"extract": ("accelerate",), "train": ("accelerate",), "finetune-decoder": ("accelerate", "peft")}
 
 
 class Parser(argparse.ArgumentParser):
@@ -24,6 +28,36 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(USAGE_ERROR, f"error: {message}\n(see: {self.prog} --help)\n")
+
+
+class Flag(argparse.Action):
+    """A boolean option: `--cpu` turns it on, `--no-cpu` off. `--cpu true|false` (the spelling of older scripts
+    and config files) is still accepted."""
+
+    def __init__(self, option_strings, dest, default=False, help=None, **kwargs):
+        names = list(option_strings) + [f"--no-{o[2:]}" for o in option_strings if o.startswith("--")]
+        super().__init__(names, dest, nargs="?", const=None, default=default, type=_bool, help=help, metavar="")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        negative = bool(option_string and option_string.startswith("--no-"))
+        if negative and values is not None:
+            parser.error(f"{option_string} takes no value (use {option_string} alone, or --{option_string[5:]} "
+                         f"{'false' if values else 'true'})")
+        setattr(namespace, self.dest, (not negative) if values is None else values)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown; a boolean reads as `--cpu, --no-cpu`, not `--cpu [CPU]`."""
+
+    def _format_action_invocation(self, action):
+        if isinstance(action, Flag):
+            return ", ".join(action.option_strings)
+        return super()._format_action_invocation(action)
+
+    def _format_args(self, action, default_metavar):
+        if isinstance(action, Flag):
+            return ""
+        return super()._format_args(action, default_metavar)
 
 
 def _bool(v: str) -> bool:
@@ -37,11 +71,18 @@ def _bool(v: str) -> bool:
 
 
 def load_config_file(path: str) -> dict:
-    """--config FILE → {option_name: value}; ConfigError for a missing, unreadable or malformed file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"--config {path}: cannot be read ({exc.strerror or exc}).") from exc
+    """--config FILE → {option_name: value}; ConfigError for a missing, unreadable, oversized or malformed file.
+
+    The file is checked before it is opened: a FIFO would block and /dev/zero never ends (trainer.fsio)."""
+    from .fsio import read_small_text
+
+    if not Path(path).exists():
+        raise ConfigError(f"--config {path}: cannot be read (no such file).")
+    text = read_small_text(path, "--config", ConfigError, advice="Give a YAML or JSON file of options.")
+    if path.endswith((".yaml", ".yml")):
+        from .extras import require_extras
+
+        require_extras("--config (YAML)", ("yaml",))
     try:
         if path.endswith((".yaml", ".yml")):
             import yaml
@@ -63,10 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the λ-ECLIPSE prior: extract CLIP features once, train (Eq. 1), evaluate, export for Load Prior. "
                     "Every command takes --config FILE.yaml|json with the same option names (dashes or underscores); "
                     "flags given on the command line override the file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     e = sub.add_parser("extract", help="CLIP features of a dataset → sharded feature folder (resumable)", formatter_class=fmt)
     e.add_argument("--config", help="YAML/JSON file of options (CLI flags override)")
     e.add_argument("--clip", help="OpenCLIP folder (open_clip_config.json + weights) or bigG checkpoint file; the same CLIP the prior will be used with")
@@ -88,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-subjects", type=FILTER_RULES["max_subjects"], default=4, help="skip an example with more valid subjects (paper: 4)")
     e.add_argument("--min-subjects", type=FILTER_RULES["min_subjects"], default=1, help="skip an example with fewer valid subjects")
     e.add_argument("--limit", type=EXTRACT_RULES["limit"], default=None, help="use only the first N records (smoke runs)")
-    e.add_argument("--progress", type=_bool, default=True, help="progress bar with rate and ETA")
+    e.add_argument("--progress", action=Flag, default=True, help="progress bar with rate and ETA")
 
     t = sub.add_parser("train", help="train the prior on extracted features", formatter_class=fmt)
     t.add_argument("--config", help="YAML/JSON file of options (CLI flags override)")
@@ -117,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--edge-drop", type=TRAIN_RULES["edge_drop"], default=0.01, help="probability of replacing the edge token by the blank embedding (paper: 1%%)")
     t.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast through accelerate (bf16 works on CPU)")
     t.add_argument("--seed", type=TRAIN_RULES["seed"], default=0, help="seed of init, data order, noise and dropout")
-    t.add_argument("--deterministic", type=_bool, default=False, help="deterministic kernels (bit-exact resume on GPU)")
-    t.add_argument("--cpu", type=_bool, default=False, help="force CPU even if a GPU is present")
+    t.add_argument("--deterministic", action=Flag, default=False, help="deterministic kernels (bit-exact resume on GPU)")
+    t.add_argument("--cpu", action=Flag, default=False, help="force CPU even if a GPU is present")
     t.add_argument("--log-every", type=TRAIN_RULES["log_every"], default=50, help="steps between training-metric rows")
     t.add_argument("--eval-every", type=TRAIN_RULES["eval_every"], default=1000, help="steps between held-out evaluations")
     t.add_argument("--eval-batch-size", type=TRAIN_RULES["eval_batch_size"], default=256, help="eval batch (retrieval is among this many)")
@@ -127,33 +168,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep-last", type=TRAIN_RULES["keep_last"], default=3, help="checkpoints kept (older ones deleted; 0 = keep all)")
     t.add_argument("--resume", default="auto", help="'auto' (latest in --out), 'none', or a checkpoint folder. Options not "
                    "given take the checkpoint's values; a different hyperparameter is refused unless --force")
-    t.add_argument("--force", type=_bool, nargs="?", const=True, default=False,
+    t.add_argument("--force", action=Flag, default=False,
                    help="resume even where hyperparameters differ from the checkpoint's (the changes are logged and kept in "
                         "train_config.json); data, held-out split and model shape can never change within a run")
     t.add_argument("--shuffle-shards", type=TRAIN_RULES["shuffle_shards"], default=8, help="shards shuffled together (memory vs randomness)")
     t.add_argument("--prefetch", type=TRAIN_RULES["prefetch"], default=2, help="batches prepared ahead in a thread (0 = off)")
-    t.add_argument("--verify-shards", type=_bool, default=True, help="check each shard's sha256 when loading it")
-    t.add_argument("--tensorboard", type=_bool, default=True, help="also log to --out/tensorboard")
+    t.add_argument("--verify-shards", action=Flag, default=True, help="check each shard's sha256 when loading it")
+    t.add_argument("--tensorboard", action=Flag, default=True, help="also log to --out/tensorboard")
 
     v = sub.add_parser("eval", help="metrics of a checkpoint/run/exported prior on features", formatter_class=fmt)
     v.add_argument("--config", help="YAML/JSON file of options (CLI flags override)")
     v.add_argument("--checkpoint", help="checkpoint folder, run folder (latest checkpoint) or exported prior")
     v.add_argument("--data", help="feature folder")
-    v.add_argument("--all", type=_bool, default=False, help="evaluate on all of --data instead of its held-out split")
-    v.add_argument("--val-fraction", type=EVAL_RULES["val_fraction"], default=0.05, help="as in training, to select the same held-out split")
+    v.add_argument("--all", action=Flag, default=False, help="evaluate on all of --data instead of its held-out split")
+    v.add_argument("--val-fraction", type=EVAL_RULES["val_fraction"], default=0.05, help="the held-out fraction, as in training; for a run or checkpoint not given means its own (from trainer_state.json), so its held-out split is scored")
     v.add_argument("--eval-batch-size", type=EVAL_RULES["eval_batch_size"], default=256, help="retrieval batch")
     v.add_argument("--eval-max-batches", type=EVAL_RULES["eval_max_batches"], default=None, help="cap on batches")
-    v.add_argument("--lam", type=EVAL_RULES["lam"], default=0.2, help="λ for the reported loss")
-    v.add_argument("--temperature", type=EVAL_RULES["temperature"], default=0.07, help="τ for the reported loss")
-    v.add_argument("--similarity", default="cosine", choices=["cosine", "dot"], help="similarity for the reported loss")
+    v.add_argument("--lam", type=EVAL_RULES["lam"], default=0.2, help="λ for the reported loss (a run or checkpoint: its own unless given)")
+    v.add_argument("--temperature", type=EVAL_RULES["temperature"], default=0.07, help="τ for the reported loss (a run or checkpoint: its own unless given)")
+    v.add_argument("--similarity", default="cosine", choices=["cosine", "dot"], help="similarity for the reported loss (a run or checkpoint: its own unless given)")
     v.add_argument("--seed", type=EVAL_RULES["seed"], default=0, help="seed of the eval noise")
 
     x = sub.add_parser("export", help="checkpoint → prior that the Load Prior node reads", formatter_class=fmt)
     x.add_argument("--config", help="YAML/JSON file of options (CLI flags override)")
     x.add_argument("--checkpoint", help="checkpoint folder or run folder (latest checkpoint)")
     x.add_argument("--out", help="output: a folder (config.json + diffusion_pytorch_model.safetensors) or, with --single-file, a .safetensors")
-    x.add_argument("--single-file", type=_bool, default=False, help="one .safetensors with the config in its metadata")
+    x.add_argument("--single-file", action=Flag, default=False, help="one .safetensors with the config in its metadata")
     x.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights' dtype")
+    x.add_argument("--overwrite", action=Flag, default=False, help="replace an existing export at --out (without it an "
+                   "existing .safetensors, or a folder's weights or config.json, is never replaced)")
     f = sub.add_parser("finetune-decoder", help="concept fine-tuning of the Kandinsky 2.2 decoder (paper §3.3, Eq. 2) as a LoRA", formatter_class=fmt)
     f.add_argument("--config", help="YAML/JSON file of options (CLI flags override)")
     f.add_argument("--decoder", help="Kandinsky 2.2 decoder diffusers folder (or --decoder-unet + --decoder-movq)")
@@ -164,28 +207,28 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--images", nargs="+", help="photos of the concept (3-5): files and/or folders; RGBA: the alpha cuts the subject out onto white")
     f.add_argument("--masks", help="optional folder of masks named after the photos (MASKS/<photo stem>.png, white = subject): the subject is put on white, as the paper prepares subjects")
     f.add_argument("--out", help="run folder: concept_lora.safetensors, checkpoint/, metrics.csv")
-    f.add_argument("--steps", type=int, default=400, help="optimizer steps")
-    f.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    f.add_argument("--alpha", type=float, default=None, help="LoRA alpha (scale alpha/rank); default: = rank")
-    f.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 1e-4 (LoRA), 1e-5 with --full (App. D)")
-    f.add_argument("--batch-size", type=int, default=1, help="examples per step")
-    f.add_argument("--resolution", type=int, default=512, help="photos are centre-cropped to this square (multiple of 64)")
-    f.add_argument("--seed", type=int, default=0, help="seed of the LoRA init, image order, timesteps, noise, unconditional draws")
-    f.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (and LoRA file updates)")
-    f.add_argument("--resume", type=_bool, nargs="?", const=True, default=False, help="continue the run in --out from its checkpoint")
+    f.add_argument("--steps", type=FINETUNE_RULES["steps"], default=400, help="optimizer steps")
+    f.add_argument("--rank", type=FINETUNE_RULES["rank"], default=4, help="LoRA rank")
+    f.add_argument("--alpha", type=FINETUNE_RULES["alpha"], default=None, help="LoRA alpha (scale alpha/rank); default: = rank")
+    f.add_argument("--lr", type=FINETUNE_RULES["lr"], default=None, help="AdamW learning rate; default 1e-4 (LoRA), 1e-5 with --full (App. D)")
+    f.add_argument("--batch-size", type=FINETUNE_RULES["batch_size"], default=1, help="examples per step")
+    f.add_argument("--resolution", type=FINETUNE_RULES["resolution"], default=512, help="photos are centre-cropped to this square (multiple of 64)")
+    f.add_argument("--seed", type=FINETUNE_RULES["seed"], default=0, help="seed of the LoRA init, image order, timesteps, noise, unconditional draws")
+    f.add_argument("--save-every", type=FINETUNE_RULES["save_every"], default=100, help="steps between checkpoints (and LoRA file updates)")
+    f.add_argument("--resume", action=Flag, default=False, help="continue the run in --out from its checkpoint")
     f.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="autocast through accelerate")
-    f.add_argument("--gradient-checkpointing", type=_bool, nargs="?", const=True, default=False, help="recompute activations (less memory)")
-    f.add_argument("--full", type=_bool, nargs="?", const=True, default=False, help="fine-tune the whole UNet (App. D) instead of a LoRA; writes concept_unet.safetensors")
-    f.add_argument("--uncond-prob", type=float, default=0.1, help="fraction of examples whose z_x is the blank-image embedding (keeps classifier-free guidance calibrated)")
-    f.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
-    f.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
-    f.add_argument("--cpu", type=_bool, nargs="?", const=True, default=False, help="force CPU even if a GPU is present")
-    f.add_argument("--deterministic", type=_bool, nargs="?", const=True, default=False, help="deterministic kernels: a "
+    f.add_argument("--gradient-checkpointing", action=Flag, default=False, help="recompute activations (less memory)")
+    f.add_argument("--full", action=Flag, default=False, help="fine-tune the whole UNet (App. D) instead of a LoRA; writes concept_unet.safetensors")
+    f.add_argument("--uncond-prob", type=FINETUNE_RULES["uncond_prob"], default=0.1, help="fraction of examples whose z_x is the blank-image embedding (keeps classifier-free guidance calibrated)")
+    f.add_argument("--weight-decay", type=FINETUNE_RULES["weight_decay"], default=1e-2, help="AdamW weight decay")
+    f.add_argument("--max-grad-norm", type=FINETUNE_RULES["max_grad_norm"], default=1.0, help="gradient clipping (0 = off)")
+    f.add_argument("--cpu", action=Flag, default=False, help="force CPU even if a GPU is present")
+    f.add_argument("--deterministic", action=Flag, default=False, help="deterministic kernels: a "
                    "resume on a GPU gives bit-identical weights too (slower; on the CPU it is bit-identical anyway)")
-    f.add_argument("--sample-every", type=int, default=0, help="every N steps (and at step 0, before training) decode each "
+    f.add_argument("--sample-every", type=FINETUNE_RULES["sample_every"], default=0, help="every N steps (and at step 0, before training) decode each "
                    "concept photo's own embedding with the current weights into OUT/samples/step_NNNNNN.png (0 = off)")
-    f.add_argument("--sample-steps", type=int, default=20, help="decoder steps of those samples (dpmpp_2m, guidance 4)")
-    f.add_argument("--progress", type=_bool, default=True, help="progress bar with loss, rate and ETA")
+    f.add_argument("--sample-steps", type=FINETUNE_RULES["sample_steps"], default=20, help="decoder steps of those samples (dpmpp_2m, guidance 4)")
+    f.add_argument("--progress", action=Flag, default=True, help="progress bar with loss, rate and ETA")
     for command in sub.choices.values():  # say each numeric option's allowed range in --help
         for action in command._actions:
             if isinstance(action.type, Rule) and action.help:
@@ -258,11 +301,24 @@ def main(argv=None) -> int:
     except LambdaEclipseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): the files written so far are intact (checkpoints are whole or absent); run the "
+              "same command again to continue (finetune-decoder: add --resume).", file=sys.stderr)
+        return INTERRUPTED
+    except OSError as exc:  # the disk, not the code: a full disk, a read-only or vanished folder
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"error: cannot read or write{where} ({exc.strerror or exc}). Check the free space and the permissions "
+              "of the folders involved; the checkpoints written so far are intact.", file=sys.stderr)
+        return USAGE_ERROR
 
 
 def _run(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse(argv)
+    if args.command in COMMAND_EXTRAS:  # before anything is read or loaded
+        from .extras import require_extras
+
+        require_extras(args.command, COMMAND_EXTRAS[args.command])
     d = {k: v for k, v in vars(args).items() if k not in ("command", "config") and not k.startswith("_")}
     if args.command == "extract":
         from .data import FilterConfig
@@ -288,14 +344,14 @@ def _run(argv=None) -> int:
         cfg = TrainConfig(val_fraction=d["val_fraction"], eval_batch_size=d["eval_batch_size"],
                           eval_max_batches=d["eval_max_batches"], lam=d["lam"], temperature=d["temperature"],
                           similarity=d["similarity"], seed=d["seed"])
-        metrics = run_eval(d["checkpoint"], d["data"], cfg, all_data=d["all"])
+        metrics = run_eval(d["checkpoint"], d["data"], cfg, all_data=d["all"], explicit=args._explicit)
         print(describe_eval(metrics), file=sys.stderr)
         print(json.dumps(metrics, indent=2))
     elif args.command == "export":
         from .train import export
 
         _require(args, "checkpoint", "out")
-        print(export(d["checkpoint"], d["out"], d["single_file"], d["dtype"]))
+        print(export(d["checkpoint"], d["out"], d["single_file"], d["dtype"], overwrite=d["overwrite"]))
     elif args.command == "finetune-decoder":
         from .finetune_decoder import FinetuneConfig, run_finetune
 

@@ -231,6 +231,11 @@ def subject_mask(ref: SubjectRef, width: int, height: int) -> np.ndarray:
     from PIL import Image
 
     if ref.mask is not None:
+        from ..core.fsio import not_regular_reason
+
+        reason = not_regular_reason(ref.mask)  # a FIFO would block the whole extraction
+        if reason is not None:
+            raise OSError(f"mask {ref.mask} {reason}")
         with Image.open(ref.mask) as im:
             m = im.convert("L")
             if m.size != (width, height):
@@ -269,14 +274,19 @@ def mask_check(mask: np.ndarray, filters: FilterConfig) -> str | None:
 
 def read_records(manifest: str | Path | None = None, coco_captions=None, coco_instances=None, coco_images=None,
                  skips: SkipCounter | None = None) -> list[Record]:
+    from ..core.fsio import not_regular_reason
     from .errors import DataError
 
     if manifest:
+        if not_regular_reason(manifest):
+            raise DataError(f"--manifest {manifest} {not_regular_reason(manifest)}; give a JSONL file, one example per line.")
         if not Path(manifest).is_file():
             raise DataError(f"--manifest {manifest} not found (a JSONL file, one example per line).")
         return read_jsonl(manifest, skips)
     if coco_captions and coco_instances and coco_images:
         for flag, path in (("--coco-captions", coco_captions), ("--coco-instances", coco_instances)):
+            if not_regular_reason(path):
+                raise DataError(f"{flag} {path} {not_regular_reason(path)}; give the COCO JSON file.")
             if not Path(path).is_file():
                 raise DataError(f"{flag} {path} not found.")
         if not Path(coco_images).is_dir():

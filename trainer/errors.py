@@ -32,3 +32,11 @@ class ResumeError(TrainerError):
 
 class ExtractError(TrainerError):
     """An extraction cannot go on (a different dataset in --out, an unfinished shard)."""
+
+
+class TrainingDivergedError(TrainerError):
+    """The loss or the weights became non-finite (NaN/inf): the run stops before such weights are saved."""
+
+
+class MissingExtraError(TrainerError, ImportError):
+    """A package of the trainer's extras (accelerate, peft, tensorboard, pyyaml) is not installed."""

@@ -18,7 +18,7 @@ from ..core.errors import InterleaveError
 from ..core.interleave import find_spans, plan_positions
 from .data import FilterConfig, Record, SkipCounter, mask_check, read_records, record_to_json, subject_mask
 from .errors import ConfigError, ExtractError
-from .fsio import save_file_atomic, write_json_atomic
+from .fsio import RunLock, check_output_folder, save_file_atomic, write_json_atomic
 from .store import shard_done, write_index, write_shard
 
 log = logging.getLogger("lambda_eclipse.trainer")
@@ -211,14 +211,27 @@ def validate_extract_config(cfg: ExtractConfig):
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError("; ".join(problems))
+    check_output_folder(cfg.out)  # a file there, or a folder that cannot be written: before the CLIP loads
 
 
 def run_extract(cfg: ExtractConfig) -> dict:
-    """Extract every shard not yet done; this process takes shards rank, rank+world, …. Returns the index (main process)."""
+    """Extract every shard not yet done; this process takes shards rank, rank+world, …. Returns the index (main process).
+
+    A second extract into the same --out is refused at once (core.fsio.FolderLock, held by the main process)."""
+    from .extras import require_extras
+
+    require_extras("extract", ("accelerate",))
     from accelerate import PartialState
 
     validate_extract_config(cfg)
     state = PartialState(cpu=cfg.device == "cpu")
+    with RunLock(cfg.out, "trainer extract", main=state.is_main_process) as lock:
+        return _extract(cfg, state, lock.take_if_exists())
+
+
+def _extract(cfg: ExtractConfig, state, lock: RunLock) -> dict:
+    from .fsio import read_small_text
+
     device = cfg.device or str(state.device)
     out = Path(cfg.out)
     manifest_skips = SkipCounter()
@@ -227,10 +240,10 @@ def run_extract(cfg: ExtractConfig) -> dict:
         records = records[: cfg.limit]
     fingerprint = _plan_fingerprint(records, cfg)
     plan_path = out / "plan.json"
-    if plan_path.is_file():
+    if plan_path.exists():
         try:
-            old = json.loads(plan_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            old = json.loads(read_small_text(plan_path, "The extraction plan", ValueError))
+        except ValueError:
             old = {}
         if not isinstance(old, dict) or old.get("fingerprint") != fingerprint:
             raise ExtractError(
@@ -239,7 +252,11 @@ def run_extract(cfg: ExtractConfig) -> dict:
     clip = load_clip(cfg.clip, device=device, dtype=cfg.dtype)
     # Nothing has been written before this point: bad input leaves --out as it was.
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        lock.take()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ExtractError(f"Cannot create the feature folder {out} ({exc.strerror or exc}).") from exc
         if not plan_path.is_file():
             write_json_atomic({"fingerprint": fingerprint, "records": len(records), "shard_size": cfg.shard_size}, plan_path)
     state.wait_for_everyone()

@@ -14,8 +14,10 @@ guidance 4; keeping some unconditional steps keeps the guidance calibrated. No p
 
 Outputs in --out: ``concept_lora.safetensors`` (diffusers' PEFT key layout for a UNet, ``unet.<module>.lora_A/B.weight``,
 with metadata: base decoder, rank, alpha, steps, images) or with --full ``concept_unet.safetensors`` (a whole decoder
-UNet file for Load Decoder); ``checkpoint/state.pt`` (trainable weights, optimizer, RNG states, step; written
-atomically) from which --resume continues bit-identically on the CPU (on a GPU with --deterministic); ``metrics.csv``; ``finetune_config.json``.
+UNet file for Load Decoder); ``checkpoint/state.safetensors`` (trainable weights, optimizer, RNG states, step, as
+tensors + JSON: nothing is pickled; written atomically) from which --resume continues bit-identically on the CPU (on
+a GPU with --deterministic); ``metrics.csv`` (its header always first); ``finetune_config.json``. A
+``checkpoint/state.pt`` of an earlier version is still resumed, read without unpickling code (trainer/state_io.py).
 """
 
 from __future__ import annotations
@@ -31,16 +33,20 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, DataError, ResumeError
-from .fsio import atomic_write, save_file_atomic, torch_save_atomic, write_json_atomic
+from ..core.errors import OutputPathError
+from .errors import CheckpointError, ConfigError, DataError, ResumeError, TrainingDivergedError
+from .fsio import RunLock, atomic_write, check_output_folder, save_file_atomic, write_json_atomic
 from .plot import plot_loss
+from .state_io import load_legacy, load_state, read_state_metadata, save_state
 
 log = logging.getLogger("lambda_eclipse.trainer")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 LORA_FILE = "concept_lora.safetensors"
 FULL_FILE = "concept_unet.safetensors"
-CHECKPOINT = "checkpoint/state.pt"
+CHECKPOINT = "checkpoint/state.safetensors"
+LEGACY_CHECKPOINT = "checkpoint/state.pt"  # written by earlier versions (a pickle: read with weights_only=True)
+METRICS_HEADER = ["step", "loss", "lr", "uncond", "seconds"]
 # Settings that must not change within one run (a resume with another value is refused).
 _FIXED = ("rank", "alpha", "lr", "batch_size", "resolution", "seed", "full", "uncond_prob", "weight_decay", "images",
           "masks", "mixed_precision", "max_grad_norm")
@@ -78,10 +84,17 @@ class FinetuneConfig:
     progress: bool = True
 
     def check(self):
+        from .settings import FINETUNE_RULES, check_value
+
         def need(cond, msg):
             if not cond:
                 raise ConfigError(f"finetune-decoder: {msg}")
 
+        # every number finite and in its range (the command line's own rules): --weight-decay inf, --lr nan, …
+        problems = [check_value(name, getattr(self, name), rule) for name, rule in FINETUNE_RULES.items()
+                    if name != "resolution"]
+        problems = [p for p in problems if p]
+        need(not problems, "; ".join(problems))
         need(isinstance(self.steps, int) and self.steps >= 1, f"--steps must be ≥ 1; got {self.steps!r}")
         need(isinstance(self.rank, int) and self.rank >= 1, f"--rank must be ≥ 1; got {self.rank!r}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"--batch-size must be ≥ 1; got {self.batch_size!r}")
@@ -123,6 +136,8 @@ def collect_images(entries) -> list[Path]:
             out += found
         elif path.is_file():
             out.append(path)
+        elif path.exists():
+            raise DataError(f"--images {path}: not a regular file or folder (a pipe or device); give image files.")
         else:
             raise DataError(f"--images {path}: no such file or folder.")
     if not out:
@@ -396,17 +411,98 @@ def _fingerprint(cfg: FinetuneConfig) -> dict:
     return {k: d[k] for k in _FIXED}
 
 
-def _rewrite_metrics(path: Path, keep_through: int):
-    """Drop metrics rows after the checkpoint's step (they are trained again after a resume)."""
-    if not path.exists():
-        return
-    rows = list(csv.reader(path.open(newline="", encoding="utf-8")))
-    if not rows:
-        return
-    head, body = rows[0], [r for r in rows[1:] if r and int(r[0]) <= keep_through]
+def _read_metrics(path: Path, keep_through: int) -> list[list[str]]:
+    """The rows of an earlier metrics.csv up to the checkpoint's step (later ones are trained again after a
+    resume). An empty or headerless file (a kill before its first flush) is read as rows; a garbled one is
+    refused before anything is written (DataError), so nothing is lost."""
+    from .fsio import read_small_text
+
+    if not path.exists() and not path.is_symlink():
+        return []
+    advice = (f"Move {path} away (or delete it) and run the same command again: the checkpoint is intact, and the "
+              "rows from the checkpoint on are written to a new metrics.csv.")
+    lines = list(csv.reader(io.StringIO(read_small_text(path, "The metrics file", DataError, max_bytes=1 << 30,
+                                                        advice=advice))))
+    first = 1
+    if lines and lines[0] == METRICS_HEADER:
+        lines, first = lines[1:], 2
+    body = []
+    for number, row in enumerate(lines, first):
+        if not row:
+            continue
+        try:
+            if len(row) != len(METRICS_HEADER):
+                raise ValueError(f"{len(row)} columns, expected {len(METRICS_HEADER)}: {', '.join(METRICS_HEADER)}")
+            step = int(row[0])
+        except ValueError as exc:
+            raise DataError(f"{path} line {number} is not a metrics row ({str(exc)[:200]}). {advice}") from None
+        if step <= keep_through:
+            body.append(row)
+    return body
+
+
+def _rewrite_metrics(path: Path, rows: list[list[str]]):
+    """metrics.csv as the header and `rows`, in one atomic step: the header is always the first line."""
     buf = io.StringIO()
-    csv.writer(buf).writerows([head] + body)
+    csv.writer(buf).writerows([METRICS_HEADER] + rows)
     atomic_write(path, lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8"))
+
+
+def _checkpoint_step(ckpt_path: Path, legacy_path: Path) -> str:
+    """The step of the checkpoint in --out, for a message (from the header only; '?' when unreadable)."""
+    try:
+        if ckpt_path.exists():
+            return str(int(read_state_metadata(ckpt_path).get("step", "?")))
+        return str(int(load_legacy(legacy_path, "fine-tuning checkpoint")["step"]))
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return "?, unreadable"
+
+
+def load_finetune_state(ckpt_path: Path, legacy_path: Path) -> dict:
+    """The checkpoint of the run in --out (this version's .safetensors, or an earlier version's state.pt read
+    without unpickling code), checked for the entries a resume needs."""
+    path = ckpt_path if ckpt_path.exists() or ckpt_path.is_symlink() else legacy_path
+    advice = f"Delete {path.parent} to start this run over, or choose another --out."
+    if path == ckpt_path:
+        state = load_state(path, "fine-tuning checkpoint", advice)
+    else:
+        state = load_legacy(path, "fine-tuning checkpoint", advice)
+    need = {"step": int, "config": dict, "trainable": dict, "optimizer": dict, "generator": torch.Tensor,
+            "torch_rng": torch.Tensor}
+    wrong = [k for k, t in need.items() if not isinstance(state, dict) or not isinstance(state.get(k), t)]
+    if wrong:
+        raise ResumeError(f"The fine-tuning checkpoint {path} is damaged (missing or wrong: {', '.join(wrong)}). {advice}")
+    return state
+
+
+def check_inputs(cfg: FinetuneConfig):
+    """Everything that can be known from the arguments and file headers, before any model is loaded: the output
+    folder can be written, the decoder's files are there and are what their flags say (a MoVQ given as the UNet,
+    the two swapped), the CLIP file or folder is there."""
+    from ..core.decoder_files import MOVQ_FILE, MOVQ_FOLDERS, UNET_FILE, UNET_FOLDERS, _check_file, _slot_message
+    from ..core.errors import MissingModelsError, ModelFileError
+
+    check_output_folder(cfg.out)
+    if cfg.decoder:
+        folder = Path(cfg.decoder).expanduser()
+        if not folder.is_dir():
+            raise (ModelFileError if folder.exists() else MissingModelsError)(
+                f"--decoder {folder}: {'not a folder' if folder.exists() else 'no such folder'}. It takes the Kandinsky "
+                "2.2 decoder's diffusers folder (model_index.json, unet/, movq/, scheduler/); for the two single files "
+                "use --decoder-unet FILE --decoder-movq FILE.")
+    else:
+        unet, movq = Path(cfg.decoder_unet).expanduser(), Path(cfg.decoder_movq).expanduser()
+        _check_file(unet, "UNet", UNET_FOLDERS, UNET_FILE)
+        _check_file(movq, "MoVQ", MOVQ_FOLDERS, MOVQ_FILE)
+        _slot_message(unet, "unet", movq)  # headers only: what each file is
+        _slot_message(movq, "movq", unet)
+    clip_flag, clip = ("--clip-vision", cfg.clip_vision) if cfg.clip_vision else ("--clip", cfg.clip)
+    clip_path = Path(clip).expanduser()
+    if not clip_path.exists():
+        raise MissingModelsError(f"{clip_flag} {clip_path} does not exist. Give the bigG vision tower "
+                                 "(ComfyUI: models/clip_vision/clip_vision_g.safetensors).")
+    if not (clip_path.is_file() or clip_path.is_dir()):
+        raise ModelFileError(f"{clip_flag} {clip_path} is not a regular file or folder (a pipe or device).")
 
 
 def _export(cfg, unet, out: Path, step: int, source: str, image_names, scheduler_config, targets) -> Path:
@@ -426,28 +522,40 @@ def _export(cfg, unet, out: Path, step: int, source: str, image_names, scheduler
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
-    """Train; returns {"output", "steps", "final_loss", "resumed_from"}. User errors raise LambdaEclipseError types."""
+    """Train; returns {"output", "steps", "final_loss", "resumed_from"}. User errors raise LambdaEclipseError types.
+
+    Every check that the arguments and file headers allow runs before any model is loaded; a second run on the
+    same --out is refused at once (core.fsio.FolderLock), naming the first one's PID."""
+    from .extras import require_extras
+
+    require_extras("finetune-decoder", ("accelerate", "peft"))
+    cfg.check()
+    out = Path(cfg.out).expanduser()
+    check_output_folder(out)
+    with RunLock(out, "trainer finetune-decoder") as lock:
+        lock.take_if_exists()
+        return _finetune(cfg, out, lock)
+
+
+def _finetune(cfg: FinetuneConfig, out: Path, lock: RunLock) -> dict:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
-    cfg.check()
-    out = Path(cfg.out).expanduser()
-    ckpt_path = out / CHECKPOINT
+    ckpt_path, legacy_path = out / CHECKPOINT, out / LEGACY_CHECKPOINT
     state = None
-    if ckpt_path.exists():
+    if ckpt_path.exists() or legacy_path.exists():
         if not cfg.resume:
             raise ResumeError(f"{out} already holds a fine-tuning run (checkpoint at step "
-                              f"{torch.load(ckpt_path, weights_only=False)['step']}); pass --resume to continue it, "
+                              f"{_checkpoint_step(ckpt_path, legacy_path)}); pass --resume to continue it, "
                               "or choose another --out.")
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise ResumeError(f"{ckpt_path} cannot be read ({str(exc)[:200]}); delete it to start over.") from exc
+        state = load_finetune_state(ckpt_path, legacy_path)
+    check_inputs(cfg)
     paths = collect_images(cfg.images)
     cfg.images = [str(p.resolve()) for p in paths]
     masks = find_masks(paths, cfg.masks)  # before any model loads
     if cfg.masks:
         cfg.masks = str(Path(cfg.masks).expanduser().resolve())
+    old_rows = _read_metrics(out / "metrics.csv", int(state["step"]) if state is not None else 0)
     if state is not None:
         old, new = state["config"], _fingerprint(cfg)
         # A setting an older checkpoint does not record (masks, mixed_precision, …) is not held against it.
@@ -501,12 +609,17 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     start = 0
     if state is not None:
         by_name = dict(unet.named_parameters())
-        with torch.no_grad():
-            for n, v in state["trainable"].items():
-                by_name[n].copy_(v)
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        try:
+            with torch.no_grad():
+                for n, v in state["trainable"].items():
+                    by_name[n].copy_(v)
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        except Exception as exc:  # a checkpoint of the right format holding the wrong tensors
+            raise ResumeError(f"The fine-tuning checkpoint in {out / 'checkpoint'} does not fit this decoder "
+                              f"({type(exc).__name__}: {str(exc)[:200]}). Delete it to start over, or choose another "
+                              "--out.") from exc
         start = int(state["step"])
         log.info("Resumed from %s at step %d", ckpt_path, start)
     if cfg.deterministic:
@@ -522,25 +635,31 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     metrics = out / "metrics.csv"
     handle = writer = None
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        lock.take()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputPathError(f"Cannot create the run folder {out} ({exc.strerror or exc}).") from exc
         write_json_atomic({**asdict(cfg), "targets": targets, "base_decoder": decoder.source, "processes": world},
                           out / "finetune_config.json")
-        _rewrite_metrics(metrics, start)
-        new_file = not metrics.exists()
-        handle = metrics.open("a", newline="", encoding="utf-8")
+        _rewrite_metrics(metrics, old_rows)  # header first, atomically: a kill now leaves a file with its header
+        try:
+            handle = metrics.open("a", newline="", encoding="utf-8")
+        except OSError as exc:
+            raise OutputPathError(f"Cannot open {metrics} ({exc.strerror or exc}).") from exc
         writer = csv.writer(handle)
-        if new_file:
-            writer.writerow(["step", "loss", "lr", "uncond", "seconds"])
 
     def save(step: int):
         if main:
-            torch_save_atomic({
+            save_state({
                 "step": step, "config": _fingerprint(cfg), "processes": world,
                 "trainable": {n: p.detach().cpu().clone() for n, p in plain.named_parameters() if n in set(names)},
                 "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "torch_rng": torch.get_rng_state(),
-            }, ckpt_path)
+            }, ckpt_path, metadata={"step": str(step)})
+            if legacy_path.exists():  # resumed from an earlier version's pickle: this file replaces it
+                legacy_path.unlink()
             _export(cfg, plain, out, step, decoder.source, image_names, decoder.scheduler_config, targets)
             plot_loss(metrics, out / "loss.png")
         accelerator.wait_for_everyone()
@@ -580,12 +699,16 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             loss_value = training_step(unet, accelerator, optimizer, params, noise_scheduler, latents[idx][mine],
                                        cond[mine], timesteps[mine], noise[mine], cfg.max_grad_norm)
             if not math.isfinite(loss_value):
-                raise ConfigError(f"the loss became {loss_value} at step {step + 1}: lower --lr or use "
-                                  "--mixed-precision no/bf16.")
+                raise TrainingDivergedError(f"the loss became {loss_value} at step {step + 1}: lower --lr or use "
+                                            "--mixed-precision no/bf16.")
             if writer is not None:
-                writer.writerow([step + 1, f"{loss_value:.6g}", f"{cfg.lr:g}", int(drop.sum()),
-                                 f"{time.perf_counter() - t0:.2f}"])
-                handle.flush()
+                try:
+                    writer.writerow([step + 1, f"{loss_value:.6g}", f"{cfg.lr:g}", int(drop.sum()),
+                                     f"{time.perf_counter() - t0:.2f}"])
+                    handle.flush()
+                except OSError as exc:
+                    raise OutputPathError(f"Could not add a row to {metrics} ({exc.strerror or exc}). Check the free "
+                                          "space and the permissions of --out; the checkpoint is intact.") from exc
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:

@@ -129,7 +129,24 @@ FILTER_RULES: dict[str, Rule] = {
     "min_subjects": INT_NONNEG,
 }
 
-RULES = {"train": TRAIN_RULES, "eval": EVAL_RULES, "extract": {**EXTRACT_RULES, **FILTER_RULES}, "export": {}}
+FINETUNE_RULES: dict[str, Rule] = {
+    "steps": INT_POS,
+    "rank": INT_POS,
+    "alpha": Rule(float, lo=0, lo_open=True, optional=True),
+    "lr": Rule(float, lo=0, lo_open=True, optional=True),
+    "batch_size": INT_POS,
+    "resolution": Rule(int, lo=64),  # and a multiple of 64 (FinetuneConfig.check)
+    "seed": SEED,
+    "save_every": INT_POS,
+    "uncond_prob": Rule(float, lo=0, hi=1, hi_open=True),
+    "weight_decay": Rule(float, lo=0),
+    "max_grad_norm": Rule(float, lo=0),
+    "sample_every": INT_NONNEG,
+    "sample_steps": Rule(int, lo=1, hi=1000),
+}
+
+RULES = {"train": TRAIN_RULES, "eval": EVAL_RULES, "extract": {**EXTRACT_RULES, **FILTER_RULES}, "export": {},
+         "finetune-decoder": FINETUNE_RULES}
 
 # Minimum number of retrieval candidates for a top-1/top-5 figure to mean something (chance = 1/candidates).
 MIN_RETRIEVAL_CANDIDATES = 32

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from .errors import DataError
 from .fsio import save_file_atomic, write_json_atomic
 
 FORMAT = "lambda-eclipse-features/1"
+INDEX_MAX_BYTES = 256 << 20  # an index lists shards (~300 bytes each): far more than any real one
 
 
 class ShardError(DataError):
@@ -94,7 +96,13 @@ def pack_examples(examples: list[dict]) -> tuple[dict[str, torch.Tensor], dict[s
 def write_shard(folder: Path, index: int, examples: list[dict], skips: dict, records: int):
     """Atomic: the .safetensors first (tmp + replace), then the sidecar that marks it complete."""
     shards = Path(folder) / "shards"
-    shards.mkdir(parents=True, exist_ok=True)
+    try:
+        shards.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from ..core.errors import OutputPathError
+
+        raise OutputPathError(f"Cannot create {shards} ({exc.strerror or exc}). Check the free space and the "
+                              "permissions of --out; rerun the same command to resume.") from exc
     path = shards / (shard_name(index) + ".safetensors")
     tensors, meta = pack_examples(examples)
     save_file_atomic(tensors, path, metadata=meta)
@@ -182,13 +190,20 @@ class FeatureStore:
 
     def __init__(self, folder: str | Path, verify: bool = True, cache_shards: int = 8):
         self.folder = Path(folder)
+        from .fsio import read_small_text
+
         index_path = self.folder / "index.json"
-        if not index_path.is_file():
+        if not index_path.exists():
             raise ShardError(f"{index_path} not found: run `python -m lambda_eclipse.trainer extract --out {self.folder}` first "
                              "(an interrupted extract writes the index when it finishes; rerun it to resume).")
+        rerun = (f"Rerun `python -m lambda_eclipse.trainer extract --out {self.folder}` with the same arguments to "
+                 "rewrite it (finished shards are kept).")
         try:
-            self.index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            self.index = json.loads(read_small_text(index_path, "The feature index", ShardError,
+                                                    max_bytes=INDEX_MAX_BYTES, advice=rerun))
+        except ShardError:
+            raise
+        except ValueError as exc:
             raise ShardError(f"{index_path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}). Rerun "
                              f"`python -m lambda_eclipse.trainer extract --out {self.folder}` with the same arguments "
                              "to rewrite it (finished shards are kept).") from exc
@@ -196,13 +211,14 @@ class FeatureStore:
             fmt = self.index.get("format") if isinstance(self.index, dict) else None
             raise ShardError(f"{index_path} is not a λ-ECLIPSE feature index (format {fmt!r}).")
         try:
-            self.shards = [s for s in self.index["shards"] if s["examples"] > 0]
             self.embed_dim = int(self.index["embed_dim"])
             self.context_length = int(self.index["context_length"])
+            if self.embed_dim < 1 or not isinstance(self.index["shards"], list):
+                raise ValueError("embed_dim < 1 or 'shards' is not a list")
         except (KeyError, TypeError, ValueError) as exc:
-            raise ShardError(f"{index_path} is incomplete ({type(exc).__name__}: {exc}). Rerun "
-                             f"`python -m lambda_eclipse.trainer extract --out {self.folder}` with the same arguments "
-                             "to rewrite it (finished shards are kept).") from exc
+            raise ShardError(f"{index_path} is incomplete ({type(exc).__name__}: {exc}). {rerun}") from exc
+        self.shards = [s for s in (self._checked_entry(k, s, index_path, rerun)
+                                   for k, s in enumerate(self.index["shards"])) if s["examples"] > 0]
         self.sizes = [s["examples"] for s in self.shards]
         self.offsets = [0]
         for n in self.sizes:
@@ -215,6 +231,10 @@ class FeatureStore:
 
         meta_path = self.folder / "meta.safetensors"
         try:
+            if not stat.S_ISREG(os.stat(meta_path).st_mode):
+                from ..core.fsio import not_regular_reason
+
+                raise OSError(f"{meta_path.name} {not_regular_reason(meta_path) or 'is not a regular file'}")
             meta = load_file(str(meta_path))
             self.blank = meta["blank"].float()
         except Exception as exc:  # missing or torn file, no 'blank' tensor
@@ -222,19 +242,54 @@ class FeatureStore:
                              f"`python -m lambda_eclipse.trainer extract --out {self.folder}` with the same arguments "
                              "to rewrite it (finished shards are kept).") from exc
 
+    def _checked_entry(self, k: int, info, index_path: Path, rerun: str) -> dict:
+        """A shard entry of index.json: a plain file name inside shards/ (never a path out of the folder) and a
+        whole number of examples (`check_files` then holds the count against the file's size)."""
+        where = f"{index_path}: shard entry {k}"
+        if not isinstance(info, dict):
+            raise ShardError(f"{where} is not an object. {rerun}")
+        name, examples = info.get("file"), info.get("examples")
+        if not isinstance(name, str) or not name:
+            raise ShardError(f"{where} has no \"file\". {rerun}")
+        if name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute() or Path(name).name != name:
+            raise ShardError(f"{where}: \"file\": {name!r} is not a file name inside {self.folder / 'shards'} (a "
+                             f"path, or one leading out of the feature folder); it was not read. {rerun}")
+        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
+            raise ShardError(f"{where}: \"examples\" must be a whole number ≥ 0, got {examples!r}. {rerun}")
+        return info
+
     def __len__(self):
         return self.offsets[-1]
 
     def check_files(self):
-        """Cheap up-front check (no hashing): every shard is present with the size the index gives, so a missing
-        or torn shard stops a run before anything is written rather than mid-run. ShardError names the first one."""
-        for info in self.shards:
+        """Cheap up-front check (no hashing): every shard is a regular file with the size the index gives, and
+        holds no more examples than that size can, so a missing or torn shard (or an index claiming 10^9 examples)
+        stops a run before anything is written or allocated. ShardError names the first one. Call it before
+        `Split.make`, which allocates per example."""
+        for k, info in enumerate(self.shards):
             path = self.folder / "shards" / info["file"]
-            if not path.is_file():
-                raise ShardError(f"Feature shard {path} is missing. {fix_hint(path)}")
-            size = path.stat().st_size
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                raise ShardError(f"Feature shard {path} is missing. {fix_hint(path)}") from None
+            except OSError as exc:
+                raise ShardError(f"Feature shard {path} cannot be read ({exc.strerror or exc}). {fix_hint(path)}") from exc
+            if not stat.S_ISREG(st.st_mode):
+                from ..core.fsio import not_regular_reason
+
+                raise ShardError(f"Feature shard {path} {not_regular_reason(path) or 'is not a regular file'}; it was "
+                                 f"not read. {fix_hint(path)}")
+            size = st.st_size
             if info.get("bytes") is not None and size != info["bytes"]:
                 raise ShardError(f"Feature shard {path} is torn ({size} bytes, the index says {info['bytes']}). {fix_hint(path)}")
+            # every example stores at least its image, pooled text and edge embeddings: 3 fp16 vectors
+            most = size // (3 * 2 * self.embed_dim)
+            if info["examples"] > most:
+                raise ShardError(
+                    f"{self.folder / 'index.json'} says {path.name} holds {info['examples']:,} examples, but its "
+                    f"{size:,} bytes hold at most {most:,} {self.embed_dim}-d examples: the index does not belong to "
+                    f"these shards, and nothing was allocated for them. Rerun `python -m lambda_eclipse.trainer "
+                    f"extract --out {self.folder}` with the same arguments to rewrite it.")
 
     def shard(self, i: int) -> Shard:
         if i in self._cache:

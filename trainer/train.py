@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import logging
@@ -18,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.errors import LambdaEclipseError
-from ..core.prior import LambdaEclipsePrior, PriorConfig, load_prior, save_prior
+from ..core.errors import LambdaEclipseError, OutputPathError
+from ..core.prior import LambdaEclipsePrior, PriorConfig, load_prior
 from .batches import Split, TrainStream, eval_batches
-from .errors import CheckpointError, ConfigError, ResumeError
-from .fsio import save_file_atomic, set_file_mode, set_tree_modes, write_json_atomic
+from .errors import CheckpointError, ConfigError, DataError, ResumeError, TrainingDivergedError
+from .fsio import (RunLock, check_output_folder, read_small_text, save_file_atomic, set_file_mode, set_tree_modes,
+                   write_json_atomic, write_text_atomic)
+from .state_io import load_legacy, load_state, save_state
 from .losses import prior_loss, retrieval_metrics
 from .settings import (FREE, LOCKED, MIN_RETRIEVAL_CANDIDATES, NOT_INHERITED, TRAIN_RULES, Change, check_value, flag,
                        fmt_value, same_path)
@@ -123,6 +126,10 @@ def model_config(spec: str) -> PriorConfig:
 def init_model(cfg: TrainConfig) -> LambdaEclipsePrior:
     if cfg.init_from:
         model = load_prior(cfg.init_from)  # eval + frozen: undo for training
+        bad = nonfinite_tensor(model.state_dict().items())
+        if bad is not None:
+            raise ConfigError(f"--init-from {cfg.init_from}: the prior's tensor {bad} holds NaN or inf, so training "
+                              "from it would only produce NaN. Use an intact prior (re-download or re-export it).")
         model.requires_grad_(True)
         for name in ("clip_mean", "clip_std"):  # kept for the checkpoint, unused by forward
             getattr(model, name).requires_grad_(False)
@@ -186,32 +193,58 @@ def _set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def nonfinite_tensor(tensors) -> str | None:
+    """The name of the first tensor holding NaN or inf among (name, tensor) pairs, else None."""
+    for name, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def save_checkpoint(accelerator, out: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, extra: dict):
-    """Written into step-N.tmp/ and renamed to step-N/ by the main process: a checkpoint is whole or absent."""
+    """Written into step-N.tmp/ and renamed to step-N/ by the main process: a checkpoint is whole or absent.
+
+    Weights holding NaN or inf are never saved (TrainingDivergedError; the checkpoints before stay as they were).
+    Optimizer and RNG states are stored as safetensors + JSON (trainer/state_io.py): nothing is pickled.
+    """
+    bad = nonfinite_tensor(accelerator.unwrap_model(model).named_parameters())
+    if bad is not None:
+        raise TrainingDivergedError(
+            f"The weights became non-finite (NaN or inf in {bad}) by step {step}; this checkpoint was not saved, the "
+            f"earlier ones in {out / 'checkpoints'} are intact. Lower --lr, keep --max-grad-norm on, or use "
+            "--mixed-precision no/bf16, then resume (--force for the changed values) or start a new --out.")
     root = out / "checkpoints"
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp"
     if accelerator.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            raise OutputPathError(f"Cannot create the checkpoint folder {tmp} ({exc.strerror or exc}). Check the free "
+                                  "space and the permissions of --out; the earlier checkpoints are intact.") from exc
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    save_state(_rng_state(), tmp / f"rng-{accelerator.process_index}.safetensors")
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         save_file_atomic({k: v.detach().float() for k, v in unwrapped.state_dict().items()}, tmp / "model.safetensors")
         write_json_atomic(unwrapped.config.to_dict(), tmp / "config.json")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        save_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None},
-                   tmp / "optimizer.pt")
+                   tmp / "optimizer.safetensors")
         write_json_atomic({"step": step, "world_size": accelerator.num_processes, "config": asdict(cfg), **extra},
                           tmp / "trainer_state.json")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        set_tree_modes(tmp)  # torch.save / every rank's files: the mode a plain open() gives, whatever wrote them
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        set_tree_modes(tmp)  # every rank's files: the mode a plain open() gives, whatever wrote them
+        try:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as exc:
+            raise OutputPathError(f"Cannot put the checkpoint {final} in place ({exc.strerror or exc}). Check the "
+                                  "free space and the permissions of --out.") from exc
         for old in checkpoint_dirs(out)[:-cfg.keep_last] if cfg.keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -219,48 +252,104 @@ def save_checkpoint(accelerator, out: Path, step: int, model, optimizer, schedul
 
 
 def read_trainer_state(path: Path) -> dict:
+    advice = "Give a checkpoints/step-N folder or a run folder."
     try:
-        state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+        text = read_small_text(Path(path) / "trainer_state.json", "The checkpoint file", CheckpointError,
+                               advice=advice)
+        state = json.loads(text)
         int(state["step"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path} is not a readable training checkpoint ({exc})") from exc
+    except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} is not a readable training checkpoint (trainer_state.json: {type(exc).__name__}: "
-                              f"{str(exc)[:200]}). Give a checkpoints/step-N folder or a run folder.") from exc
+                              f"{str(exc)[:200]}). {advice}") from exc
     return state
+
+
+def _checkpoint_state(path: Path, name: str, what: str, advice: str, numpy_arrays: bool = False):
+    """`name`.safetensors (this version), or `name`.pt of an earlier version read without unpickling code;
+    None when neither exists."""
+    new, old = path / f"{name}.safetensors", path / f"{name}.pt"
+    if new.exists() or new.is_symlink():
+        return load_state(new, what, advice)
+    if old.exists() or old.is_symlink():
+        return load_legacy(old, what, advice, numpy_arrays=numpy_arrays)
+    return None
 
 
 def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:
     from safetensors.torch import load_file
 
     state = read_trainer_state(path)
+    advice = "Delete this checkpoint folder to resume from the one before, or pass another with --resume."
     try:
         accelerator.unwrap_model(model).load_state_dict(load_file(str(path / "model.safetensors")))
-        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
     except Exception as exc:  # missing / torn file, other architecture
-        raise CheckpointError(f"Checkpoint {path} cannot be loaded ({type(exc).__name__}: {str(exc)[:300]}). Delete it to "
-                              "resume from the one before, or pass another with --resume.") from exc
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    if opt.get("scaler") and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(opt["scaler"])
-    rng_path = path / f"rng-{accelerator.process_index}.pt"
-    if rng_path.is_file():  # a different world size has no per-rank state for new ranks: data/noise don't need it
-        _set_rng_state(torch.load(rng_path, weights_only=False))
+        raise CheckpointError(f"Checkpoint {path} cannot be loaded ({type(exc).__name__}: {str(exc)[:300]}). {advice}") from exc
+    opt = _checkpoint_state(path, "optimizer", "optimizer state", advice)
+    if opt is None:
+        raise CheckpointError(f"Checkpoint {path} has no optimizer state (optimizer.safetensors). {advice}")
+    rng_name = f"rng-{accelerator.process_index}"
+    # a different world size has no per-rank state for new ranks: data/noise don't need it
+    rng = _checkpoint_state(path, rng_name, "RNG state", advice, numpy_arrays=True)
+    try:
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+        if opt.get("scaler") and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(opt["scaler"])
+        if rng is not None:
+            _set_rng_state(rng)
+    except Exception as exc:  # a file of the right format holding the wrong things
+        raise CheckpointError(f"Checkpoint {path}: the optimizer or RNG state does not fit this run "
+                              f"({type(exc).__name__}: {str(exc)[:200]}). {advice}") from exc
     return state
 
 
 # -- metrics ---------------------------------------------------------------------------------------
 
+def read_metric_rows(path: Path, resume_step: int) -> list[dict]:
+    """The rows of an earlier metrics.csv up to `resume_step` (later ones were written after that checkpoint).
+
+    A file without its header line (cut off by a kill) is read with the known columns; a garbled one is refused
+    (DataError) before anything is written, so no row is lost.
+    """
+    if not path.exists() and not path.is_symlink():
+        return []
+    advice = (f"Move {path} away (or delete it) and run the same command again: the checkpoints are intact, and the "
+              "rows from the checkpoint on are written to a new metrics.csv.")
+    text = read_small_text(path, "The metrics file", DataError, max_bytes=1 << 30, advice=advice)
+    lines = list(csv.reader(io.StringIO(text)))
+    if lines and lines[0] == CSV_FIELDS:
+        lines = lines[1:]
+        first = 2
+    else:
+        first = 1
+    rows = []
+    for number, line in enumerate(lines, first):
+        if not line:
+            continue
+        try:
+            if len(line) != len(CSV_FIELDS):
+                raise ValueError(f"{len(line)} columns, expected {len(CSV_FIELDS)}: {', '.join(CSV_FIELDS)}")
+            row = dict(zip(CSV_FIELDS, line))
+            step = int(float(row["step"]))
+        except ValueError as exc:
+            raise DataError(f"{path} line {number} is not a metrics row ({str(exc)[:200]}). {advice}") from None
+        if step <= resume_step:
+            rows.append(row)
+    return rows
+
+
 class MetricLog:
-    def __init__(self, out: Path, resume_step: int, tensorboard: bool):
+    def __init__(self, out: Path, resume_step: int, tensorboard: bool, rows: list[dict] | None = None):
         self.path = out / "metrics.csv"
-        rows = []
-        if self.path.is_file():  # drop rows past the resumed step (they were written after that checkpoint)
-            with open(self.path, newline="", encoding="utf-8") as f:
-                rows = [r for r in csv.DictReader(f) if int(float(r["step"])) <= resume_step]
-        with open(self.path, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, CSV_FIELDS)
-            w.writeheader()
-            w.writerows(rows)
+        if rows is None:
+            rows = read_metric_rows(self.path, resume_step)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, CSV_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+        write_text_atomic(buf.getvalue(), self.path)  # the header is always there, the old rows never half-written
         self.writer = None
         if tensorboard:
             try:
@@ -271,8 +360,12 @@ class MetricLog:
                 log.warning("TensorBoard logging off (%s)", exc)
 
     def write(self, row: dict):
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, CSV_FIELDS).writerow({k: row.get(k, "") for k in CSV_FIELDS})
+        try:
+            with open(self.path, "a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, CSV_FIELDS).writerow({k: row.get(k, "") for k in CSV_FIELDS})
+        except OSError as exc:
+            raise OutputPathError(f"Could not add a row to {self.path} ({exc.strerror or exc}). Check the free space "
+                                  "and the permissions of --out; the checkpoints written so far are intact.") from exc
         if self.writer is not None:
             for k in ("loss", "mse", "contrastive", "cosine", "top1", "top5", "lr", "samples_per_s"):
                 if k in row and row[k] != "":
@@ -514,12 +607,26 @@ def run_train(cfg: TrainConfig, accelerator=None, explicit: set[str] | None = No
     checkpoint's values. None (the Python API's default) counts every field as given.
     Every check runs before anything is written: a refused run leaves --out as it was.
     """
+    from .extras import require_extras
+
+    require_extras("train", ("accelerate",))
     from accelerate import Accelerator
 
     cfg.validate()
     if not cfg.out:
         raise ConfigError("train: missing --out")
     out = Path(cfg.out)
+    check_output_folder(out)
+    # Another run on this --out is refused at once (before its checkpoints are even read); a folder this run
+    # creates is locked before its first file is written.
+    lock = RunLock(out, "trainer train", None if accelerator is None else accelerator.is_main_process)
+    with lock:
+        return _train(cfg, accelerator, explicit, out, lock.take_if_exists())
+
+
+def _train(cfg: TrainConfig, accelerator, explicit: set[str] | None, out: Path, lock: RunLock) -> dict:
+    from accelerate import Accelerator
+
     resume_from = find_resume_checkpoint(cfg, out)
     plan = None
     if resume_from is not None:
@@ -536,17 +643,16 @@ def run_train(cfg: TrainConfig, accelerator=None, explicit: set[str] | None = No
     torch.manual_seed(cfg.seed + accelerator.process_index)
 
     store = FeatureStore(cfg.data, verify=cfg.verify_shards, cache_shards=max(2, cfg.shuffle_shards + 1))
+    store.check_files()  # before Split.make allocates per example: an index claiming 10^9 examples stops here
     val_store = None
     if cfg.val_data:
-        train_split = Split.make(store, 0.0, want_val=False)
         val_store = FeatureStore(cfg.val_data, verify=cfg.verify_shards)
+        val_store.check_files()
+        train_split = Split.make(store, 0.0, want_val=False)
         val_split = Split.make(val_store, 0.0, want_val=False)
     else:
         train_split = Split.make(store, cfg.val_fraction, want_val=False)
         val_split = Split.make(FeatureStore(cfg.data, verify=cfg.verify_shards), cfg.val_fraction, want_val=True)
-    store.check_files()
-    if val_store is not None:
-        val_store.check_files()
     if plan is not None:
         _check_resumed_data(plan, "data", store, cfg.data)
         _check_resumed_data(plan, "val_data", val_store, cfg.val_data)
@@ -598,14 +704,20 @@ def run_train(cfg: TrainConfig, accelerator=None, explicit: set[str] | None = No
     micro_iter = itertools.chain(first, micro_gen)
 
     # Nothing has been written before this point: a refused or failed start leaves --out as it was.
+    metrics = None
     try:
+        old_rows = read_metric_rows(out / "metrics.csv", step) if accelerator.is_main_process else None
         if accelerator.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
+            lock.take()
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputPathError(f"Cannot create the run folder {out} ({exc.strerror or exc}).") from exc
             _write_train_config(out, cfg, plan)
             for stale in (out / "checkpoints").glob("*.tmp") if (out / "checkpoints").is_dir() else []:
                 shutil.rmtree(stale, ignore_errors=True)  # a checkpoint cut off mid-write
         accelerator.wait_for_everyone()
-        metrics = MetricLog(out, step, cfg.tensorboard) if accelerator.is_main_process else None
+        metrics = MetricLog(out, step, cfg.tensorboard, old_rows) if accelerator.is_main_process else None
     except BaseException:
         micro_gen.close()
         raise
@@ -636,6 +748,15 @@ def run_train(cfg: TrainConfig, accelerator=None, explicit: set[str] | None = No
                                      control_embedding=batch.control.to(device)).predicted_image_embedding
                     losses = prior_loss(pred, batch.image.to(device), batch.pooled_global.to(device), batch.row_offset,
                                         cfg.lam, cfg.temperature, cfg.similarity, cfg.mse_reduction)
+                    if not bool(torch.isfinite(losses["loss"].detach())):
+                        last = checkpoint_dirs(out)
+                        kept = (f"the last checkpoint ({last[-1].name}) is intact" if last else
+                                "no checkpoint was written yet")
+                        raise TrainingDivergedError(
+                            f"The loss became {float(losses['loss'].detach()):g} at step {step + 1} (before its update; {kept}, "
+                            "and no NaN weights were saved). Lower --lr, keep --max-grad-norm on, raise "
+                            "--warmup-steps or use --mixed-precision no/bf16; then resume (--force for the "
+                            "changed values) or start a new --out.")
                     accelerator.backward(losses["loss"] / accum)
                 for key, v in losses.items():
                     run_sum[key] = run_sum.get(key, 0.0) + v.item()
@@ -708,43 +829,109 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+def check_weights(tensors: dict, source) -> None:
+    """CheckpointError unless every tensor is floating point and finite (a NaN prior only makes NaN, and an int8
+    or bool one is not a trained prior)."""
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise CheckpointError(f"{source}: the tensor {name} is stored as {str(t.dtype).replace('torch.', '')}, not "
+                                  "as floating point; this is not a prior the trainer wrote. Use an intact checkpoint "
+                                  "or prior.")
+    bad = nonfinite_tensor(tensors.items())
+    if bad is not None:
+        raise CheckpointError(f"{source}: the tensor {bad} holds NaN or inf; evaluating or exporting it would only give "
+                              "NaN. Use an earlier checkpoint (checkpoints/step-N/) or an intact prior.")
+
+
 def model_from_checkpoint(path: str | Path) -> LambdaEclipsePrior:
     from safetensors.torch import load_file
 
     ckpt = resolve_checkpoint(path)
+    advice = "Use an earlier checkpoint (checkpoints/step-N/) or rerun the training to rewrite it."
     try:
-        model = LambdaEclipsePrior(PriorConfig.from_dict(json.loads((ckpt / "config.json").read_text(encoding="utf-8"))))
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-    except Exception as exc:  # missing / torn config.json or weights
-        raise CheckpointError(f"Checkpoint {ckpt} cannot be loaded ({type(exc).__name__}: {str(exc)[:300]}). Use an "
-                              "earlier checkpoint (checkpoints/step-N/) or rerun the training to rewrite it.") from exc
+        config = json.loads(read_small_text(ckpt / "config.json", "The checkpoint's config", CheckpointError))
+        model = LambdaEclipsePrior(PriorConfig.from_dict(config))
+        weights = ckpt / "model.safetensors"
+        if not weights.is_file():
+            raise CheckpointError(f"{weights} is missing or not a regular file")
+        tensors = load_file(str(weights))
+        check_weights(tensors, weights)
+        model.load_state_dict(tensors)
+    except CheckpointError as exc:
+        raise CheckpointError(f"Checkpoint {ckpt} cannot be loaded ({exc}). {advice}") from exc
+    except Exception as exc:  # torn config.json or weights, another architecture
+        raise CheckpointError(f"Checkpoint {ckpt} cannot be loaded ({type(exc).__name__}: {str(exc)[:300]}). "
+                              f"{advice}") from exc
     return model.eval()
 
 
-def export(checkpoint: str | Path, out: str | Path, single_file: bool = False, dtype: str = "fp32") -> Path:
-    """Checkpoint → exactly what core.prior.load_prior (the Load Prior node) reads, readable by other users (0644)."""
+def export(checkpoint: str | Path, out: str | Path, single_file: bool = False, dtype: str = "fp32",
+           overwrite: bool = False) -> Path:
+    """Checkpoint → exactly what core.prior.load_prior (the Load Prior node) reads, readable by other users (0644).
+
+    An existing export (the .safetensors, or the folder's weights or config.json) is replaced only with
+    `overwrite` (--overwrite); otherwise OutputExistsError, and nothing is written.
+    """
+    from ..core.fsio import check_writable_target
     from ..core.loading import resolve_dtype
+    from ..core.prior import CONFIG_METADATA_KEY
 
     try:
-        resolve_dtype(dtype)
+        torch_dtype = resolve_dtype(dtype)
     except ValueError as exc:
         raise ConfigError(f"--dtype {dtype!r}: use fp32, fp16 or bf16.") from exc
     target = Path(out)
     if single_file and target.is_dir():
         raise ConfigError(f"--out {target} is a folder; with --single-file give the path of a .safetensors file.")
     if not single_file and target.exists() and not target.is_dir():
-        raise ConfigError(f"--out {target} is a file; give a folder, or add --single-file true to write one .safetensors.")
-    path = save_prior(model_from_checkpoint(checkpoint), target, single_file=single_file, dtype=dtype)
-    # save_prior's files get the mode a plain open() gives (0644 with umask 022), however they were written.
-    for written in ([path] if single_file else [path / "diffusion_pytorch_model.safetensors", path / "config.json"]):
+        raise ConfigError(f"--out {target} is a file; give a folder, or add --single-file to write one .safetensors.")
+    if single_file:
+        if target.suffix != ".safetensors":
+            target = target.with_suffix(".safetensors")
+        files = [target]
+    else:
+        check_output_folder(target)
+        files = [target / "diffusion_pytorch_model.safetensors", target / "config.json"]
+    for path in files:  # every refusal before anything is written
+        check_writable_target(path, overwrite=overwrite, what="exported prior")
+    model = model_from_checkpoint(checkpoint)
+    tensors = {k: v.to(torch_dtype) for k, v in model.state_dict().items()}
+    config = model.config.to_dict()
+    if single_file:
+        save_file_atomic(tensors, target, metadata={CONFIG_METADATA_KEY: json.dumps(config)}, overwrite=overwrite)
+    else:
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputPathError(f"Cannot create the folder {target} ({exc.strerror or exc}).") from exc
+        save_file_atomic(tensors, files[0], overwrite=overwrite)
+        write_json_atomic(config, files[1], overwrite=overwrite)
+    for written in files:  # the mode a plain open() gives (0644 with umask 022)
         if written.is_file():
             set_file_mode(written)
-    return path
+    return target
 
 
-def run_eval(checkpoint_or_prior: str | Path, data: str, cfg: TrainConfig, all_data: bool = False) -> dict:
+#: Settings `eval` takes from the run's trainer_state.json when they are not given (the run's own split and loss).
+EVAL_INHERITED = ("val_fraction", "lam", "temperature", "similarity", "mse_reduction")
+
+
+def _run_settings(path: Path) -> tuple[Path, dict] | None:
+    """(checkpoint folder, its run's config) when `path` is a run or checkpoint folder, else None."""
+    try:
+        ckpt = resolve_checkpoint(path)
+        return ckpt, dict(read_trainer_state(ckpt).get("config") or {})
+    except CheckpointError:
+        return None
+
+
+def run_eval(checkpoint_or_prior: str | Path, data: str, cfg: TrainConfig, all_data: bool = False,
+             explicit: set[str] | None = None) -> dict:
     """Metrics of a checkpoint, run dir or exported prior on a feature folder (its held-out split, or all of it).
 
+    `explicit`: the settings the user gave (the command line passes them). For a run or checkpoint, the others
+    in EVAL_INHERITED take the run's values from trainer_state.json, so its own held-out split is scored. None
+    (the Python API's default) uses `cfg` as it is.
     The result carries `examples` (how many were evaluated) and `retrieval_among` (top-1/top-5 candidates); a
     warning is logged when there are too few for the retrieval figures to mean anything.
     """
@@ -752,6 +939,24 @@ def run_eval(checkpoint_or_prior: str | Path, data: str, cfg: TrainConfig, all_d
     if not path.exists():
         raise CheckpointError(f"--checkpoint {path} does not exist (give a run folder, a checkpoints/step-N/ folder "
                               "or an exported prior).")
+    run = _run_settings(path) if explicit is not None else None
+    if run is not None:
+        ckpt, saved = run
+        taken = {k: saved[k] for k in EVAL_INHERITED if k not in explicit and k in saved and saved[k] != getattr(cfg, k)}
+        if taken:
+            cfg = TrainConfig(**{**asdict(cfg), **taken})
+            log.info("eval: settings not given take the run's values (%s): %s", ckpt / "trainer_state.json",
+                     ", ".join(f"{flag(k)} {fmt_value(v)}" for k, v in taken.items()))
+        if "val_fraction" in explicit and saved.get("val_fraction") not in (None, cfg.val_fraction) and not all_data:
+            log.warning("eval: --val-fraction %s is not the run's %s: this split holds examples the run trained on.",
+                        fmt_value(cfg.val_fraction), fmt_value(saved["val_fraction"]))
+        if saved.get("val_data") and not all_data:
+            if same_path(saved["val_data"], data):
+                all_data = True
+                log.info("eval: %s is the run's --val-data (its held-out folder): evaluating all of it.", data)
+            else:
+                log.warning("eval: the run held out --val-data %s and trained on all of its --data; evaluate with "
+                            "--data %s for held-out figures.", saved["val_data"], saved["val_data"])
     try:
         model = model_from_checkpoint(path)
     except CheckpointError as not_ckpt:
@@ -760,6 +965,7 @@ def run_eval(checkpoint_or_prior: str | Path, data: str, cfg: TrainConfig, all_d
         except LambdaEclipseError as not_prior:
             raise CheckpointError(f"{path} is neither a training checkpoint ({not_ckpt}) nor an exported prior "
                                   f"({not_prior}).") from not_prior
+        check_weights(model.state_dict(), path)
     store = FeatureStore(data, verify=cfg.verify_shards)
     store.check_files()
     split = Split.make(store, 0.0 if all_data else cfg.val_fraction, want_val=not all_data)
