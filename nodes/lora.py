@@ -1,4 +1,10 @@
-"""λ-ECLIPSE Load Decoder LoRA: a concept LoRA (from `python -m lambda_eclipse.trainer finetune-decoder`) on the decoder.
+"""λ-ECLIPSE Load Decoder LoRA: a concept LoRA of the Kandinsky 2.2 decoder UNet on the decoder.
+
+Files from `python -m lambda_eclipse.trainer finetune-decoder`, diffusers (save_lora_adapter / save_lora_weights, and
+the 0.22–0.25 Kandinsky 2.2 decoder LoRA script's save_attn_procs) and peft (PeftModel.save_pretrained: keep
+adapter_model.safetensors and adapter_config.json together in a subfolder of models/loras) are listed; every format
+and where its alpha comes from is in `core.lora`. The menu lists exactly the files that load (header checks, cached by
+file signature); a file picked anyway (an old workflow) gets a message saying what it is.
 
 The decoder on the input link is shared: ComfyUI caches it, and other nodes may decode with it. This node never
 changes it. It returns a new LAMBDA_ECLIPSE_DECODER whose model shares the same UNet, MoVQ and ComfyUI patcher
@@ -26,6 +32,12 @@ def _accept(path) -> bool:
     return looks_like_decoder_lora(path)
 
 
+def _problem(path) -> str | None:
+    from ..core.lora import decoder_lora_problem
+
+    return decoder_lora_problem(path)
+
+
 def _resolve(lora_name: str):
     try:
         return comfy.resolve_model(LORA_FOLDERS, lora_name, "Decoder LoRA", "python -m lambda_eclipse.trainer finetune-decoder")
@@ -37,9 +49,9 @@ def _resolve(lora_name: str):
 
 
 def _load(path):
-    from ..core.lora import load_decoder_lora
+    from ..core.lora import decoder_lora_signature, load_decoder_lora
 
-    key = comfy.model_signature(path)
+    key = decoder_lora_signature(path)
     lora = _LORAS.get(key)
     if lora is None:
         lora = load_decoder_lora(path)
@@ -50,8 +62,9 @@ def _load(path):
 class LambdaEclipseLoadDecoderLoRA:
     DESCRIPTION = (
         "Applies a concept LoRA of the Kandinsky 2.2 decoder (trained with `python -m lambda_eclipse.trainer "
-        "finetune-decoder`, paper §3.3) at a strength. The input decoder is left unchanged for every other node: "
-        "the LoRA is active only in decodes that use this node's output. Chainable."
+        "finetune-decoder`, paper §3.3, or with diffusers' or peft's LoRA tools) at a strength. The input decoder is "
+        "left unchanged for every other node: the LoRA is active only in decodes that use this node's output. "
+        "Chainable."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LAMBDA_ECLIPSE_DECODER",)
@@ -64,8 +77,9 @@ class LambdaEclipseLoadDecoderLoRA:
         return {"required": {
             "decoder": ("LAMBDA_ECLIPSE_DECODER", {"tooltip": "From λ-ECLIPSE Load Kandinsky Decoder (or another Load Decoder LoRA)."}),
             "lora_name": (comfy.list_model_files(LORA_FOLDERS, _accept, folders=False), {"tooltip": (
-                "A decoder LoRA in models/loras (concept_lora.safetensors from the trainer's finetune-decoder). "
-                "Only files whose keys fit the Kandinsky 2.2 decoder UNet are listed.")}),
+                "A decoder LoRA in models/loras: concept_lora.safetensors from the trainer's finetune-decoder, a "
+                "diffusers LoRA of the Kandinsky 2.2 decoder (pytorch_lora_weights.safetensors), or a peft folder "
+                "(adapter_model.safetensors + adapter_config.json). Only files that load are listed.")}),
             "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip": (
                 "How strongly the LoRA acts: 1 = as trained, 0 = off (the base decoder exactly), between = partial.")}),
         }}
@@ -73,20 +87,22 @@ class LambdaEclipseLoadDecoderLoRA:
     @classmethod
     def VALIDATE_INPUTS(cls, lora_name):
         """Our message before anything runs (instead of ComfyUI's "Value not in list"): where the file should be,
-        how to make one, or why a file there is not a decoder LoRA."""
+        how to make one, or what a file there is when it is no decoder LoRA that loads (core.lora's header checks)."""
         try:
             path = _resolve(lora_name)
         except Exception as exc:  # MissingModelsError / ModelFileError: already worded for the user
             return str(exc)
-        if not _accept(path):
-            return (f"Decoder LoRA {lora_name!r} is not a LoRA of the Kandinsky 2.2 decoder UNet (an SD/SDXL LoRA, "
-                    "or another model's). Pick a file made by `python -m lambda_eclipse.trainer finetune-decoder`.")
+        problem = _problem(path)
+        if problem is not None:
+            return f"Decoder LoRA {lora_name!r}: {problem}"
         return True
 
     @classmethod
     def IS_CHANGED(cls, decoder=None, lora_name="", strength=1.0):
         try:
-            return str(comfy.model_signature(_resolve(lora_name)))
+            from ..core.lora import decoder_lora_signature
+
+            return str(decoder_lora_signature(_resolve(lora_name)))
         except Exception:
             return lora_name
 
