@@ -23,8 +23,11 @@ How a file is fetched:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,10 +36,13 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Sequence
 from urllib.parse import quote
 
-from .errors import InputError, MissingModelsError, ModelFileError
+from .errors import InputError, LambdaEclipseError, MissingModelsError, ModelFileError
 
 MANIFEST_PATH = Path(__file__).with_name("manifest.json")
 FIELDS = ("key", "what", "repo", "file", "revision", "folder", "name", "size", "sha256")
+# Optional fields: approx_size, the size as the hub lists it (bytes, rounded), printed as "~139 MB" while the exact
+# byte count is not known (it is recorded in models/.lambda_eclipse_verified.json when a download is verified).
+OPTIONAL_FIELDS = ("approx_size",)
 # --only groups → manifest keys. Keys not listed here belong to the group named by their prefix before "_".
 GROUPS = {
     "prior": ("prior",),
@@ -68,6 +74,7 @@ class ManifestEntry:
     name: str
     size: int | None = None
     sha256: str | None = None
+    approx_size: int | None = None
 
     @property
     def group(self) -> str:
@@ -92,13 +99,27 @@ class ManifestEntry:
     def page(self) -> str:
         return f"{HUB_URL}/{self.repo}"
 
-    def size_text(self) -> str:
-        return human_size(self.size) if self.size else "size unknown"
+    def exact_size(self, models_dir: str | os.PathLike | None = None) -> int | None:
+        """The byte count: the manifest's, else the one recorded when `download` verified this file in `models_dir`
+        (its sha256 matching the manifest's), else None."""
+        if self.size is not None:
+            return self.size
+        return recorded_size(self, models_dir) if models_dir else None
+
+    def size_text(self, models_dir: str | os.PathLike | None = None) -> str:
+        """'1.39 GB' when the size is known (manifest, or measured by a verified download), '~139 MB' from the hub's
+        listing, 'size unknown' otherwise."""
+        exact = self.exact_size(models_dir)
+        if exact:
+            return human_size(exact)
+        if self.approx_size:
+            return approx_size_text(self.approx_size)
+        return "size unknown"
 
     def describe(self, models_dir: str | os.PathLike | None = None) -> str:
         """Where it goes and where it comes from, for the 'files are missing' message."""
         where = self.dest(models_dir if models_dir else "models")
-        return f"  - {self.what} ({self.size_text()}): put it at\n      {where}\n    download: {self.url}"
+        return f"  - {self.what} ({self.size_text(models_dir)}): put it at\n      {where}\n    download: {self.url}"
 
 
 def human_size(size: int) -> str:
@@ -106,6 +127,25 @@ def human_size(size: int) -> str:
         if size >= scale:
             return f"{size / scale:.2f} {unit}"
     return f"{size} B"
+
+
+def approx_size_text(size: int) -> str:
+    """An approximate size as the hub lists it: 139_000_000 → '~139 MB', 1_400_000_000 → '~1.4 GB'."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= scale:
+            return f"~{size / scale:.3g} {unit}"
+    return f"~{size} B"
+
+
+def recorded_size(entry: "ManifestEntry", models_dir: str | os.PathLike) -> int | None:
+    """The byte count `download` recorded for `entry` in models_dir's verification marker, when the recorded sha256
+    is the manifest's (or the manifest has none: the record was checked against the hub's); else None."""
+    record = _Marker(Path(models_dir)).files.get(entry.relpath)
+    if not isinstance(record, dict) or not isinstance(record.get("size"), int) or isinstance(record.get("size"), bool):
+        return None
+    if entry.sha256 is not None and record.get("sha256") != entry.sha256:
+        return None
+    return record["size"] if record["size"] > 0 else None
 
 
 def manifest_url(entry: ManifestEntry) -> str:
@@ -140,9 +180,9 @@ def _parse_entry(raw, index: int, source: str) -> ManifestEntry:
     if missing:
         raise InputError(f"{where}: missing field(s) {', '.join(missing)} (every entry needs {', '.join(FIELDS)}; "
                          "size and sha256 may be null when unknown).")
-    unknown = sorted(k for k in raw if k not in FIELDS and not str(k).startswith("_"))
+    unknown = sorted(k for k in raw if k not in FIELDS + OPTIONAL_FIELDS and not str(k).startswith("_"))
     if unknown:
-        raise InputError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)} "
+        raise InputError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS + OPTIONAL_FIELDS)} "
                          "(fields starting with '_' are comments).")
     for f in ("key", "what", "repo", "file", "revision", "folder", "name"):
         if not isinstance(raw[f], str) or not raw[f].strip():
@@ -162,12 +202,16 @@ def _parse_entry(raw, index: int, source: str) -> ManifestEntry:
     size = raw["size"]
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
         raise InputError(f"{where}: size must be a byte count (an integer ≥ 0) or null, got {size!r}.")
+    approx = raw.get("approx_size")
+    if approx is not None and (isinstance(approx, bool) or not isinstance(approx, int) or approx < 0):
+        raise InputError(f"{where}: approx_size must be a byte count (an integer ≥ 0) or null, got {approx!r}.")
     sha = raw["sha256"]
     if sha is not None and (not isinstance(sha, str) or not _SHA256.fullmatch(sha)):
         raise InputError(f"{where}: sha256 must be 64 hexadecimal digits or null, got {sha!r}.")
     return ManifestEntry(
         key=raw["key"], what=raw["what"], repo=raw["repo"], file=raw["file"], revision=raw["revision"],
         folder=raw["folder"].strip("/"), name=raw["name"], size=size, sha256=sha.lower() if sha else None,
+        approx_size=approx,
     )
 
 
@@ -262,6 +306,10 @@ class _Marker:
     def __init__(self, models_dir: Path):
         self.path = models_dir / MARKER_NAME
         self.files: dict[str, dict] = {}
+        from .fsio import not_regular_reason
+
+        if not_regular_reason(self.path) is not None:  # a FIFO or folder there: never block reading it
+            return
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             if isinstance(data, dict) and isinstance(data.get("files"), dict):
@@ -280,14 +328,15 @@ class _Marker:
         return None
 
     def record(self, rel: str, path: Path, sha: str) -> None:
+        """Remember the file's sha256 with its exact byte count (the size `check` and the messages then print)."""
+        from .fsio import write_text_atomic
+
         st = path.stat()
         self.files[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
-        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps({"version": 1, "files": self.files}, indent=1, sort_keys=True), encoding="utf-8")
-            os.replace(tmp, self.path)
-        except OSError:  # a read-only models/ folder: the files are fine, they will just be hashed next time
-            tmp.unlink(missing_ok=True)
+            write_text_atomic(json.dumps({"version": 1, "files": self.files}, indent=1, sort_keys=True), self.path)
+        except (OSError, LambdaEclipseError):  # a read-only models/ folder: the files are fine, hashed next time
+            pass
 
 
 @dataclass
@@ -378,6 +427,48 @@ def _hub_sha(etag: str | None) -> str | None:
     return etag.lower() if etag and _SHA256.fullmatch(etag) else None
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """True for 'no space left' / 'quota exceeded', also when wrapped by another exception."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+# huggingface_hub logs a warning per retry of a broken or stalled transfer (and, where the root logger has a handler
+# too, prints each twice): these loggers are quietened while a file is fetched, and one line per file says what
+# happened.
+_HUB_LOGGERS = ("huggingface_hub.file_download", "huggingface_hub.utils._http")
+
+
+class _HubWarnings(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            self.messages.append(record.getMessage())
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _hub_warnings_collected():
+    collected = _HubWarnings()
+    loggers = [logging.getLogger(name) for name in _HUB_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(collected)
+    try:
+        yield collected
+    finally:
+        for logger in loggers:
+            logger.removeFilter(collected)
+
+
 # ------------------------------------------------------------------------------------------------ downloading
 
 
@@ -391,6 +482,7 @@ class _Downloader:
         self.endpoint = self.constants.ENDPOINT
         self.report = DownloadReport()
         self.missing: list[tuple[ManifestEntry, str, _Expect]] = []
+        self.created: list[Path] = []  # folders made for the file being fetched (removed again if it fails)
 
     # -- hub metadata
     def hub_metadata(self, entry: ManifestEntry):
@@ -498,33 +590,77 @@ class _Downloader:
             raise ModelFileError(f"{dest} exists but is not a file; move it away and run the download again.")
         self.log(f"  {entry.repo} / {entry.file} @ {entry.revision}\n  → {dest}")
         tmpdir = dest.parent / f"{TMP_PREFIX}{entry.name}"
+        self.created = []
         try:
-            if self.network_down is None:
+            with _hub_warnings_collected() as hub_warnings:
                 try:
-                    self.fetch(entry, dest, tmpdir)
-                    return
-                except _Unavailable as why:
-                    if not why.down:
-                        self.missing.append((entry, why.reason, _Expect(entry.size, entry.sha256)))
-                        self.log(f"  not downloaded: {why.reason}")
+                    if self.network_down is None:
+                        try:
+                            self.fetch(entry, dest, tmpdir)
+                            return
+                        except _Unavailable as why:
+                            if not why.down:
+                                self.missing.append((entry, why.reason, _Expect(entry.size, entry.sha256)))
+                                self.log(f"  not downloaded: {why.reason}")
+                                return
+                            self.network_down = why.reason
+                    if self.from_hf_cache(entry, dest, tmpdir):
                         return
-                    self.network_down = why.reason
-            if self.from_hf_cache(entry, dest, tmpdir):
-                return
-            self.missing.append((entry, self.network_down or "unavailable", _Expect(entry.size, entry.sha256)))
-            self.log(f"  not downloaded: {self.network_down}")
+                    self.missing.append((entry, self.network_down or "unavailable", _Expect(entry.size, entry.sha256)))
+                    self.log(f"  not downloaded: {self.network_down}")
+                finally:
+                    if hub_warnings.messages:  # one line for all of huggingface_hub's retry warnings of this file
+                        last = hub_warnings.messages[-1].splitlines()[0][:200]
+                        self.log(f"  the transfer of {entry.name} was interrupted {len(hub_warnings.messages)} time(s) "
+                                 f"and huggingface_hub retried (last: {last})")
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
+            if not dest.is_file():
+                self._remove_created_folders()
+
+    def _make_folder(self, folder: Path) -> None:
+        """Create `folder` (only now that a file is about to be written there), remembering what was new."""
+        new = []
+        probe = folder
+        while not probe.exists() and probe.parent != probe:
+            new.append(probe)
+            probe = probe.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ModelFileError(f"Cannot create the folder {folder} ({exc.strerror or exc}). Check that the --models "
+                                 "folder is writable, or choose another one.") from exc
+        self.created.extend(new)  # deepest first
+
+    def _remove_created_folders(self) -> None:
+        """A file that was not placed leaves no empty folder behind (only folders this run made, only if empty)."""
+        for folder in self.created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self.created = []
 
     def _prepare(self, dest: Path, tmpdir: Path, need: int | None) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        self._make_folder(dest.parent)
         if tmpdir.exists():
             shutil.rmtree(tmpdir, ignore_errors=True)  # left by a run that was killed
         if need:
             free = shutil.disk_usage(dest.parent).free
             if free < need:
-                raise ModelFileError(f"Not enough free space in {dest.parent}: {human_bytes(need)} needed, "
-                                     f"{human_bytes(free)} free.")
+                raise ModelFileError(f"Not enough free space in {dest.parent} for {dest.name}: {human_bytes(need)} "
+                                     f"needed, {human_bytes(free)} free. Free some space (or give a --models folder on "
+                                     "another disk) and run the download again.")
+
+    def _disk_full_error(self, entry: ManifestEntry, dest: Path, exc: BaseException) -> ModelFileError:
+        try:
+            free = human_bytes(shutil.disk_usage(dest.parent).free) + " free now"
+        except OSError:
+            free = "free space unknown"
+        return ModelFileError(
+            f"The disk filled up while writing {entry.key} ({entry.name}) into {dest.parent} ({exc}; {free}). The "
+            f"partial file was deleted and nothing was written to {dest}. Free some space (or give a --models folder "
+            "on another disk) and run the download again.")
 
     def _place(self, path: Path, entry: ManifestEntry, dest: Path, sha: str, nbytes: int) -> None:
         os.replace(path, dest)
@@ -541,6 +677,8 @@ class _Downloader:
         try:
             got = Path(hf_hub_download(entry.repo, entry.file, revision=entry.revision, local_dir=tmpdir))
         except _hub_errors() as exc:
+            if _disk_full(exc):
+                raise self._disk_full_error(entry, dest, exc) from exc
             raise _describe_hub_error(exc, entry, self.endpoint) from exc
         self.log(f"  verifying {entry.name} …")
         sha = self.verify(got, entry, exp, dest)
@@ -563,7 +701,12 @@ class _Downloader:
         self._prepare(dest, tmpdir, os.path.getsize(cached))
         tmpdir.mkdir(parents=True, exist_ok=True)
         tmp = tmpdir / entry.name
-        _copy_and_hash(cached, tmp)
+        try:
+            _copy_and_hash(cached, tmp)
+        except OSError as exc:
+            if _disk_full(exc):
+                raise self._disk_full_error(entry, dest, exc) from exc
+            raise ModelFileError(f"Could not copy {cached} to {tmp} ({exc.strerror or exc}).") from exc
         sha = self.verify(tmp, entry, exp, dest)
         nbytes = tmp.stat().st_size
         self._place(tmp, entry, dest, sha, 0)
@@ -579,8 +722,9 @@ class _Downloader:
         ]
         for entry, reason, exp in self.missing:
             dest = entry.dest(self.models_dir)
+            size = human_bytes(exp.size) if exp.size is not None else entry.size_text(self.models_dir)
             lines += [
-                f"  - {entry.what} [{entry.key}] ({human_bytes(exp.size)})",
+                f"  - {entry.what} [{entry.key}] ({size})",
                 f"      put:      {dest}",
                 f"      download: {manifest_url(entry)}",
             ]
@@ -588,7 +732,7 @@ class _Downloader:
                 lines.append(f"      sha256:   {exp.sha256}")
             if not offline:
                 lines.append(f"      why:      {reason}")
-            lines.append(f"      e.g.:     curl -L -C - -o \"{dest}\" \"{manifest_url(entry)}\"")
+            lines.append(f"      e.g.:     curl -L -C - --create-dirs -o \"{dest}\" \"{manifest_url(entry)}\"")
         if offline:
             lines.append("Or unset HF_HUB_OFFLINE and run this command again.")
         elif any(_is_network(reason) for _, reason, _ in self.missing):
@@ -596,6 +740,16 @@ class _Downloader:
                          f"{self.endpoint}) and run this command again.")
         if self.report.fetched or self.report.skipped:
             lines.append(f"The other {len(self.report.fetched) + len(self.report.skipped)} file(s) are in place.")
+        return "\n".join(lines)
+
+    def stopped_message(self, error: str, not_tried: Sequence[ManifestEntry]) -> str:
+        """The error that stopped the run, then what happened to the files before it and which were not tried."""
+        lines = [error]
+        if self.missing:
+            lines.append(f"Before that, {len(self.missing)} file(s) could not be downloaded:")
+            lines += [f"  - {entry.key} ({entry.dest(self.models_dir)}): {reason}" for entry, reason, _ in self.missing]
+        if not_tried:
+            lines.append(f"Not tried: {', '.join(e.key for e in not_tried)}.")
         return "\n".join(lines)
 
 
@@ -613,6 +767,9 @@ def download_models(
 ) -> DownloadReport:
     """Fetch the manifest's files (or the `only` groups: prior, clip, decoder) into the ComfyUI `models_dir`.
 
+    Folders are created only when a file is about to be written into them, and removed again (when this call made
+    them and they stayed empty) if that file could not be placed.
+
     Files already in place and verified are skipped. Raises ModelFileError when a download fails verification (the
     bad file is deleted) and MissingModelsError, after trying every file, listing the ones that could not be
     fetched (offline, network, access), with their destinations and URLs.
@@ -626,20 +783,48 @@ def download_models(
     chosen = select_entries(entries, only)
     models_dir = Path(models_dir).expanduser()
     if models_dir.exists() and not models_dir.is_dir():
-        raise InputError(f"--models {models_dir} is a file; give the ComfyUI models/ folder.")
+        raise InputError(f"--models {models_dir} is a file, not a folder. Give the ComfyUI models/ folder.")
+    # Nothing is created up front: each folder (models_dir too) is made when a file is about to be written there.
+    # The command line refuses a --models that does not exist first (check_models_folder): a typo is never filled.
     if (models_dir / "models").is_dir() and not any((models_dir / d).is_dir() for d in ("checkpoints", "vae", "clip_vision")):
         log(f"note: {models_dir} has a models/ folder inside; if it is the ComfyUI folder, use --models {models_dir / 'models'}")
-    models_dir.mkdir(parents=True, exist_ok=True)
 
     dl = _Downloader(models_dir, log, rehash)
     where = "offline (HF_HUB_OFFLINE=1)" if dl.offline else f"from {dl.endpoint}"
     log(f"{len(chosen)} file(s) into {models_dir}, {where}")
     for n, entry in enumerate(chosen, 1):
-        dl.run_entry(entry, n, len(chosen))
+        try:
+            dl.run_entry(entry, n, len(chosen))
+        except LambdaEclipseError as exc:
+            if not dl.missing and n == len(chosen):
+                raise
+            raise type(exc)(dl.stopped_message(str(exc), chosen[n:])) from exc
     log(dl.report.summary())
     if dl.missing:
         raise MissingModelsError(dl.missing_message())
     return dl.report
+
+
+def looks_like_comfyui_root(folder: Path) -> bool:
+    """A ComfyUI installation folder (the one that holds models/): main.py with comfy/ or custom_nodes/ beside it."""
+    return (folder / "main.py").is_file() and ((folder / "comfy").is_dir() or (folder / "custom_nodes").is_dir())
+
+
+def check_models_folder(models_dir: str | os.PathLike, flag: str = "--models") -> Path:
+    """Refuse, creating nothing, a models folder that is a file, or that does not exist (a typo would otherwise be
+    created silently and filled with 10 GB). A missing `models/` inside a ComfyUI installation is fine: it is made
+    when the first file is written."""
+    models_dir = Path(models_dir).expanduser()
+    if models_dir.is_dir():
+        return models_dir
+    if models_dir.exists():
+        raise InputError(f"{flag} {models_dir} is a file, not a folder. Give the ComfyUI models/ folder (the one "
+                         "holding checkpoints/, vae/, clip_vision/ …).")
+    if models_dir.name == "models" and looks_like_comfyui_root(models_dir.parent):
+        return models_dir
+    raise InputError(f"{flag} {models_dir} does not exist, and nothing was created. Check the path: it is the models/ "
+                     "folder inside your ComfyUI folder (e.g. ComfyUI/models). To keep the files somewhere else, "
+                     f"create the folder first (mkdir -p {models_dir}).")
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -654,9 +839,19 @@ def add_download_parser(subparsers) -> argparse.ArgumentParser:
                     "decoder (UNet + MoVQ) from the Hugging Face hub into a ComfyUI models/ folder. Files already in "
                     "place are checked and skipped. Honours HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE.",
     )
-    p.add_argument("--models", help="the ComfyUI models/ folder (default: $COMFYUI_MODELS, else $COMFYUI_PATH/models)")
-    p.add_argument("--only", metavar="GROUPS", help="comma-separated subset of: " + ",".join(GROUPS) + " (default: all)")
-    p.add_argument("--manifest", metavar="FILE", help="a manifest JSON to use instead of the shipped one")
+    from .paths import MODELS_ENV_HELP
+
+    groups = "; ".join(f"{g} (= {', '.join(keys)})" if keys != (g,) else g for g, keys in GROUPS.items())
+    try:
+        keys = ", ".join(e.key for e in load_manifest())
+    except InputError:  # a broken shipped manifest is reported when it is used, not by --help
+        keys = ", ".join(k for ks in GROUPS.values() for k in ks)
+    p.add_argument("--models", metavar="DIR", help="the ComfyUI models/ folder; it must exist (a mistyped path is "
+                   f"never created). Default: {MODELS_ENV_HELP}")
+    p.add_argument("--only", metavar="LIST", help=f"comma-separated groups: {groups}; or single files: {keys}. "
+                   "Default: all five files")
+    p.add_argument("--manifest", metavar="FILE", help="a manifest JSON to use instead of the shipped one (default: "
+                   "core/manifest.json of the package)")
     p.add_argument("--rehash", action="store_true", help="re-check the sha256 of files already in place even when "
                    "they were verified before")
     p.set_defaults(func=cmd_download)
@@ -664,10 +859,16 @@ def add_download_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_download(args) -> int:
-    models = getattr(args, "models", None) or os.environ.get("COMFYUI_MODELS") or (
-        str(Path(os.environ["COMFYUI_PATH"]) / "models") if os.environ.get("COMFYUI_PATH") else None)
+    from .paths import MODELS_ENV_HELP, default_models_dir
+
+    models, source = getattr(args, "models", None), "--models"
     if not models:
-        raise InputError("download: give the ComfyUI models/ folder with --models DIR (or set COMFYUI_PATH).")
+        models, source = default_models_dir()
+    if models:
+        check_models_folder(models, flag=source)
+    else:
+        raise InputError(f"download: give the ComfyUI models/ folder with --models DIR (default: {MODELS_ENV_HELP}; "
+                         "neither is set).")
     manifest = getattr(args, "manifest", None)
     download_models(models, only=getattr(args, "only", None), manifest=manifest, rehash=getattr(args, "rehash", False))
     return 0

@@ -1,8 +1,8 @@
 """Where results go: check the output path before any work, write images atomically, check the image size.
 
 `check_output_path` runs before a model is loaded, so a bad `--out` costs nothing; `save_image_atomic`
-never leaves a half-written file (or a temporary one) behind, and never damages the file it replaces
-unless the new one is complete.
+(through core.fsio, the pack's one writer) never leaves a half-written file (or a temporary one) behind, never
+damages the file it replaces unless the new one is complete, and without overwrite never replaces one at all.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError, OutputPathError
-from .loading import file_mode
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -173,15 +172,18 @@ def _as_pil(image) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array), mode)
 
 
-def save_image_atomic(image, path, **save_options) -> Path:
+def save_image_atomic(image, path, *, overwrite: bool = True, **save_options) -> Path:
     """Write `image` (PIL, [H,W,3(4)] uint8 or 0…1 float array/tensor) to `path` atomically; return the path.
 
-    The image goes to `.<name>.tmp-XXXX<suffix>` in the same folder, is flushed and fsync'ed, then renamed
-    over `path` (os.replace): `path` is either the old file or the complete new one. The file gets mode
-    0o666 & ~umask, like any file the user creates. On any error the temporary file is removed and the
-    old file is left as it was. The format follows the suffix (.png, .jpg/.jpeg, .webp; others as Pillow
-    knows them); JPEG gets RGB (an alpha channel is dropped).
+    Written by the pack's one writer, core.fsio.atomic_write: the image goes to `.<name>.tmp-XXXX<suffix>` in the
+    same folder, is flushed and fsync'ed, then takes the name `path`: `path` is either the old file or the complete
+    new one. With overwrite=False an existing `path` is never replaced, even by a run racing this one
+    (OutputExistsError). The file gets mode 0o666 & ~umask, like any file the user creates. On any error the
+    temporary file is removed and the old file is left as it was. The format follows the suffix (.png, .jpg/.jpeg,
+    .webp; others as Pillow knows them); JPEG gets RGB (an alpha channel is dropped).
     """
+    from .fsio import atomic_write
+
     path = Path(path)
     pil = _as_pil(image)
     suffix = path.suffix.lower()
@@ -190,46 +192,9 @@ def save_image_atomic(image, path, **save_options) -> Path:
         raise OutputPathError(f"{path}: {path.suffix or 'no extension'} is not an image format. Use {_list(SUFFIXES)}.")
     if fmt == "JPEG" and pil.mode not in ("RGB", "L", "CMYK"):
         pil = pil.convert("RGB")
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputPathError(f"Cannot create the folder {str(folder)!r} for {path.name} ({exc.strerror or exc}).") from exc
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.tmp-", suffix=path.suffix)
-    except OSError as exc:
-        raise OutputPathError(f"Cannot write in {str(folder)!r} ({exc.strerror or exc}). Choose a folder you can write to.") from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write(tmp: Path):
+        with open(tmp, "wb") as handle:
             pil.save(handle, format=fmt, **save_options)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise OutputPathError(
-                f"Could not write {path} ({exc.strerror or exc}); nothing was changed there. Check the free space "
-                "and permissions of the folder."
-            ) from exc
-        raise
-    _fsync_folder(folder)
-    return path
 
-
-def _fsync_folder(folder: Path):
-    """Make the rename itself durable (POSIX); harmless where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return atomic_write(path, write, overwrite=overwrite)

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 from .download import GROUPS as _GROUPS
 from .download import MANIFEST_PATH, ManifestEntry, human_size, load_manifest  # noqa: F401
-from .errors import MissingModelsError, ModelFileError
+from .errors import InputError, MissingModelsError, ModelFileError
 
 # The pack's first release kept whole folders; they still load (relative to models/).
 LEGACY_LAYOUT = {
@@ -44,6 +44,20 @@ def _manifest(path: str) -> dict[str, ManifestEntry]:
 def manifest(path: str | os.PathLike | None = None) -> dict[str, ManifestEntry]:
     """key → entry of the shipped manifest (or another one)."""
     return _manifest(str(path or MANIFEST_PATH))
+
+
+# Where `check` and `download` look when --models is not given, in this order.
+MODELS_ENV_HELP = "$COMFYUI_MODELS, else $COMFYUI_PATH/models"
+
+
+def default_models_dir() -> tuple[str | None, str]:
+    """(the models folder from the environment, which variable gave it) — $COMFYUI_MODELS first, then
+    $COMFYUI_PATH/models; (None, '') when neither is set."""
+    if os.environ.get("COMFYUI_MODELS"):
+        return os.environ["COMFYUI_MODELS"], "$COMFYUI_MODELS"
+    if os.environ.get("COMFYUI_PATH"):
+        return str(Path(os.environ["COMFYUI_PATH"]) / "models"), "$COMFYUI_PATH/models"
+    return None, ""
 
 
 def folder_candidates(models_dir: Path, folder: str) -> list[Path]:
@@ -252,6 +266,14 @@ def resolve_models(
     entries = manifest()
     result = ResolvedModels()
     problems: list[str] = []
+    folder_note = ""
+    if models_dir and Path(models_dir).expanduser().exists() and not Path(models_dir).expanduser().is_dir():
+        raise InputError(f"--models {models_dir} is a file, not a folder. Give the ComfyUI models/ folder (the one "
+                         "holding checkpoints/, vae/, clip_vision/ …), or name the files one by one (--prior, "
+                         "--clip-text, …).")
+    if models_dir and not Path(models_dir).expanduser().exists():
+        folder_note = (f" The --models folder {models_dir} does not exist: check the path (it is the models/ folder "
+                       "inside your ComfyUI folder).")
     for key in needed:
         given = explicit[key]
         if given:
@@ -272,7 +294,7 @@ def resolve_models(
     if problems:
         hint = "" if models_dir else " (no --models folder was given)"
         raise MissingModelsError(
-            f"Model files are missing{hint}. Download each and place it as shown (or run "
+            f"Model files are missing{hint}.{folder_note} Download each and place it as shown (or run "
             f"`python -m lambda_eclipse download --models <ComfyUI>/models`):\n" + "\n".join(problems)
         )
     return result

@@ -1,5 +1,9 @@
 """Is a model file the real thing? Header-level checks for `check`: it opens, holds the expected tensors and
-shapes, has the published size (not a tiny test model), and matches the manifest's byte size when named so."""
+shapes, has the published size (not a tiny test model), and matches the manifest's byte size when named so.
+
+A verdict is `ok` (the published file), or not ok but `usable` (the pipeline loads it: a tiny test model, another
+training run, a file of another byte size — `check` warns, `check --strict` fails), or broken (it would not load:
+unreadable, truncated, the wrong part — `check` fails)."""
 
 from __future__ import annotations
 
@@ -26,6 +30,11 @@ class Verdict:
     path: Path
     ok: bool
     message: str
+    usable: bool | None = None  # None: the same as ok
+
+    def __post_init__(self):
+        if self.usable is None:
+            self.usable = self.ok
 
 
 def _header_parameters(path: Path) -> int:
@@ -45,14 +54,29 @@ def _header_parameters(path: Path) -> int:
 
 
 def _size_matches_manifest(key: str, path: Path) -> str | None:
+    """A message when `path`, under the manifest's name, has another byte count than the published file (the
+    manifest's, or the one `download` measured when it verified the file in this models folder)."""
     entry = manifest().get(key)
-    if entry is None or not path.is_file() or path.name != entry.name or not entry.size:
+    if entry is None or not path.is_file() or path.name != entry.name:
+        return None
+    expected = entry.size or _recorded_size(entry, path)
+    if not expected:
         return None
     got = path.stat().st_size
-    if got != entry.size:
-        return (f"{path} is {got:,} bytes but the published file is {entry.size:,} bytes: a partial or different "
-                f"download. Fetch it again from {entry.url} (or run `python -m lambda_eclipse download`).")
+    if got != expected:
+        return (f"{path} is {got:,} bytes but the published file is {expected:,} bytes: a partial or different "
+                f"download. Fetch it again from {entry.url}.")  # check names the download command once, for every file
     return None
+
+
+def _recorded_size(entry, path: Path) -> int | None:
+    """The byte count `download` recorded for this file, read from the models folder it sits in (models/<folder>/name)."""
+    from .download import recorded_size
+
+    models_dir = path.parent
+    for _ in entry.folder.split("/"):
+        models_dir = models_dir.parent
+    return recorded_size(entry, models_dir)
 
 
 def verify(key: str, path: str | Path) -> Verdict:
@@ -66,7 +90,7 @@ def verify(key: str, path: str | Path) -> Verdict:
     try:
         verdict = _verify_content(key, path, spec)
         if verdict.ok and problem:  # right kind and size class, wrong bytes: a partial or other download
-            return Verdict(key, path, False, problem)
+            return Verdict(key, path, False, problem, usable=True)
         return verdict  # a tiny or other model says so, whatever its size
     except ModelFileError as exc:
         return Verdict(key, path, False, problem or str(exc))  # unreadable: the byte count says more when known
@@ -81,7 +105,7 @@ def _verify_content(key: str, path: Path, spec: dict) -> Verdict:
         info = sniff_prior(path)
         if (info.width, info.layers, info.embedding_dim) != (spec["width"], spec["layers"], spec["embedding_dim"]) \
                 or info.parameters < spec["min_parameters"]:
-            return Verdict(key, path, False, (
+            return Verdict(key, path, False, usable=True, message=(
                 f"{path} is a λ-ECLIPSE-style prior but not the published one ({info.layers} blocks, width "
                 f"{info.width}, {info.embedding_dim}-d, {info.parameters:,} parameters; published: 10 blocks, width 512, "
                 "1280-d, 34.8M): a tiny test model or another training run. Use the published prior."))
@@ -95,7 +119,7 @@ def _verify_content(key: str, path: Path, spec: dict) -> Verdict:
             return Verdict(key, path, False, f"{path} holds no {spec['what']} ({info.description}).")
         width = info.text_width if tower == "text" else info.vision_width
         if width != spec["width"]:
-            return Verdict(key, path, False, (
+            return Verdict(key, path, False, usable=True, message=(
                 f"{path} is a CLIP {tower} tower of width {width}, not the published bigG's {spec['width']}: a tiny "
                 "test model or another CLIP. λ-ECLIPSE needs OpenCLIP ViT-bigG/14."))
         return Verdict(key, path, True, f"{spec['what']}: {info.description}")
@@ -112,7 +136,7 @@ def _verify_content(key: str, path: Path, spec: dict) -> Verdict:
             return Verdict(key, path, False, f"{path} has no {sub.name}/ folder: it is not a Kandinsky 2.2 decoder folder.")
         parameters = _header_parameters(sub)
     if parameters < spec["min_parameters"]:
-        return Verdict(key, path, False, (
+        return Verdict(key, path, False, usable=True, message=(
             f"{path} has {parameters:,} parameters, far fewer than the published {spec['what']}: a tiny test model. "
             "Use the published weights."))
     return Verdict(key, path, True, f"{spec['what']}: {parameters:,} parameters")

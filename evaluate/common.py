@@ -29,6 +29,44 @@ def photos_in(folder) -> list[Path]:
     return sorted(p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES) if folder.is_dir() else []
 
 
+def check_reference(reference: int, subjects: Sequence) -> int:
+    """`--reference N` picks photo N (from 0, in name order) of every subject (objects with .name and .photos):
+    refused, before anything loads, when it is negative or some subject has fewer photos."""
+    if reference < 0:
+        raise DatasetError(f"--reference must be 0 or more (0 = each subject's first photo in name order); got "
+                           f"{reference}.")
+    short = [s for s in subjects if reference >= len(s.photos)]
+    if short:
+        fewest = min(len(s.photos) for s in subjects)
+        named = ", ".join(f"{s.name} ({len(s.photos)})" for s in short[:5]) + (
+            f" and {len(short) - 5} more" if len(short) > 5 else "")
+        raise DatasetError(f"--reference {reference}: photo #{reference} (counting from 0, in name order) does not exist "
+                           f"for every subject; these have fewer photos: {named}. Choose 0 … {fewest - 1}, which "
+                           "every subject has.")
+    return reference
+
+
+def reference_photo(subject, reference: int) -> Path:
+    """The subject image of `subject`: its photo number `reference` in name order (see check_reference)."""
+    check_reference(reference, [subject])
+    return subject.photos[reference]
+
+
+def check_out_folder(folder, flag: str = "--out") -> Path:
+    """Refuse now, before anything is loaded and creating nothing, a run folder that cannot be written: a file
+    where the folder should be, a file among its parents, or a folder (or the nearest existing parent) that is
+    not writable (tried for real, so read-only disks and ACLs count)."""
+    from ..core.errors import OutputPathError
+    from ..core.outputs import check_output_path
+
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"{flag} {folder} is a file, not a folder. Give a folder for the run's files (it is "
+                              "created if needed).")
+    check_output_path(f"{folder}{os.sep}summary.md", overwrite=True, suffixes=(".md",), what=flag)
+    return folder
+
+
 def shard(items: Sequence, index: int, count: int) -> list:
     """This process's share: every count-th item from `index` (disjoint, covering, balanced within one item)."""
     if count < 1 or not 0 <= index < count:
@@ -54,14 +92,14 @@ def progress_bar(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)  # tqdm shows the ETA
 
 
-def write_text(path, text: str) -> Path:
-    """Write via a temporary file and rename: a stopped run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+def write_text(path, text: str, *, overwrite: bool = True) -> Path:
+    """The pack's one writer (core.fsio): a temporary file, fsync'ed, then renamed, so a stopped run never leaves
+    half a file; the file gets a plain open()'s mode, a failed write leaves no temporary file behind, and an OSError
+    (read-only folder, full disk) becomes one OutputPathError naming the file. With ``overwrite=False`` an existing
+    file is never replaced (OutputExistsError)."""
+    from ..core.fsio import write_text_atomic
+
+    return write_text_atomic(text, path, overwrite=overwrite)
 
 
 def write_csv(rows: Sequence[dict], fields: Sequence[str], path) -> Path:
@@ -73,28 +111,74 @@ def write_csv(rows: Sequence[dict], fields: Sequence[str], path) -> Path:
     return write_text(path, buf.getvalue())
 
 
+#: A scores.csv of the full Multibench is a few MB; anything far larger is not one (and is not read into memory).
+MAX_SCORES_BYTES = 256 << 20
+
+
+def _scores_text(given: Path, path: Path) -> str:
+    from ..core.fsio import require_regular_file
+
+    if not path.exists():
+        if given.is_dir():
+            raise DatasetError(f"{given} has no scores.csv: it is not a scored dreambench / multibench run (run it, "
+                               "or score its images with --score-only).")
+        raise DatasetError(f"{path} does not exist. Give a run folder (with scores.csv) or a scores.csv file.")
+    require_regular_file(path, "scores file", DatasetError)
+    size = path.stat().st_size
+    if size > MAX_SCORES_BYTES:
+        raise DatasetError(f"{path} is {size / 2**20:.0f} MB: not a scores.csv of dreambench / multibench (a full "
+                           "run's is a few MB); it was not read.")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{path} cannot be read ({exc.strerror or exc}).") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}), so it is not a scores.csv "
+                           "written by dreambench / multibench.") from None
+
+
 def read_scores(path) -> list[dict]:
-    """The rows of a Dreambench or a Multibench scores.csv (a run folder or the file), metrics as floats."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "scores.csv"
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if rows:
-        header = set(rows[0])
+    """The rows of a Dreambench or a Multibench scores.csv (a run folder or the file), metrics as floats. Anything
+    else (a missing, binary or non-UTF-8 file, a short or long row, a value that is not a finite number) is a
+    DatasetError naming the file and the line."""
+    given = Path(path).expanduser()
+    path = given / "scores.csv" if given.is_dir() else given
+    reader = csv.DictReader(io.StringIO(_scores_text(given, path), newline=""))
+    try:
+        header = reader.fieldnames
+        if not header:
+            raise DatasetError(f"{path} is empty: not a scores.csv (expected the header "
+                               f"{','.join(DREAMBENCH_FIELDS)} or {','.join(MULTIBENCH_FIELDS)}).")
         fields = MULTIBENCH_FIELDS if "subjects" in header else DREAMBENCH_FIELDS
         missing = [k for k in fields if k not in header]
         if missing:
             raise DatasetError(f"{path}: not a scores.csv (missing columns {', '.join(missing)}).")
-    for row in rows:
-        try:
-            for k in METRICS:
-                row[k] = float(row[k])
-            row["seed"] = int(row["seed"])
-            if "count" in row:
-                row["count"] = int(row["count"])
-        except ValueError as exc:
-            raise DatasetError(f"{path}: a row has a value that is not a number ({exc}).") from None
+        rows = []
+        for row in reader:
+            line = reader.line_num
+            if None in row:
+                raise DatasetError(f"{path}, line {line}: more values than the {len(header)} columns of the header "
+                                   "(a broken row). Fix or delete that line.")
+            short = [k for k in header if row[k] is None]
+            if short:
+                raise DatasetError(f"{path}, line {line}: a short row ({len(header) - len(short)} of "
+                                   f"{len(header)} values; no {', '.join(short)}). Fix or delete that line.")
+            try:
+                for k in METRICS:
+                    row[k] = float(row[k])
+                    if not math.isfinite(row[k]):
+                        raise ValueError(f"{k} is {row[k]}")
+                row["seed"] = int(row["seed"])
+                if "count" in row:
+                    row["count"] = int(row["count"])
+            except ValueError as exc:
+                raise DatasetError(f"{path}, line {line}: a value that is not a finite number ({exc}). Fix or delete "
+                                   "that line.") from None
+            rows.append(row)
+    except csv.Error as exc:
+        raise DatasetError(f"{path}, line {reader.line_num}: not readable as CSV ({exc}).") from None
     return rows
 
 

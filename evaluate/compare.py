@@ -15,6 +15,20 @@ from .common import DatasetError, benchmark_of, means, read_scores
 from .metrics import LABELS, METRICS
 
 
+MAX_SAMPLES = 100_000
+
+
+def check_samples(samples, seed=0) -> None:
+    """--samples and --seed, checked before any file is read."""
+    from ..core.errors import InputError
+    from ..core.seeds import check_seed
+
+    if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= MAX_SAMPLES:
+        raise InputError(f"--samples must be a whole number from 1 to {MAX_SAMPLES:,} (bootstrap resamples; 2000 is "
+                         f"plenty for a 95% interval); got {samples!r}.")
+    check_seed(seed, "--seed")
+
+
 def _key(row: dict) -> tuple:
     return row.get("subjects", row.get("subject")), row["prompt"], int(row["seed"])
 
@@ -22,6 +36,7 @@ def _key(row: dict) -> tuple:
 def bootstrap_difference(a: Sequence[float], b: Sequence[float], paired: bool, samples: int = 2000,
                          seed: int = 0) -> tuple[float, float, float]:
     """(mean(b) − mean(a), low, high) with a percentile bootstrap 95% interval."""
+    check_samples(samples, seed)
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     rng = np.random.default_rng(seed)
     if paired:
@@ -69,6 +84,7 @@ def compare_markdown(result: dict, name_a: str = "A", name_b: str = "B") -> str:
 
 
 def compare_runs(a, b, samples: int = 2000, seed: int = 0) -> str:
+    check_samples(samples, seed)
     rows_a, rows_b = read_scores(a), read_scores(b)
     kinds = benchmark_of(rows_a), benchmark_of(rows_b)
     if kinds[0] != kinds[1]:

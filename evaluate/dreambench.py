@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .common import (DREAMBENCH_FIELDS, PHOTO_SUFFIXES, DatasetError, GenerationJob, generate_jobs, means,  # noqa: F401
-                     photos_in, plot_groups, progress_bar, read_scores, shard, write_csv, write_text)
+                     photos_in, plot_groups, progress_bar, read_scores, reference_photo, shard, write_csv,
+                     write_text)
 from .metrics import METRICS, PAPER
 
 LIVE_CLASSES = frozenset({"cat", "dog"})
@@ -156,7 +157,7 @@ def generate_missing(models, subjects: Sequence[DreamSubject], items: Sequence[W
     jobs = []
     for item, missing in missing_images(items, images_dir, seeds):
         s = by_name[item.subject]
-        photo = s.photos[min(reference, len(s.photos) - 1)]
+        photo = reference_photo(s, reference)
         subject = SubjectInput(s.cls, str(photo), str(s.masks[photo.name]) if photo.name in s.masks else None)
         jobs.append(GenerationJob(item.prompt, [subject],
                                   {seed: image_path(images_dir, item.subject, item.index, seed) for seed in missing}))

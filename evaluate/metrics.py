@@ -22,7 +22,9 @@ download-metrics` fetch the two below into DIR first, see metric_models.py):
 
 from __future__ import annotations
 
+import importlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -155,6 +157,53 @@ def check_clip_eval(path, model_name: str) -> None:
                                    f"(e.g. ViT-B-32-quickgelu, ViT-B-32, ViT-L-14; see open_clip.list_models()).")
     else:
         raise MetricModelError(f"--clip-eval {path} does not exist.")
+
+
+def describe_clip_eval(path, model_name: str) -> str:
+    """What ClipEmbedder loads from `path`, in words for summary.md: a weights file is read with the named
+    OpenCLIP config; a folder with its own open_clip_config.json (--clip-eval-model is not used for it)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return f"{path} (weights file, OpenCLIP config {model_name})"
+    try:
+        model = json.loads((path / "open_clip_config.json").read_text(encoding="utf-8")).get("model_cfg") or {}
+    except (OSError, ValueError, AttributeError):
+        model = {}
+    vision = model.get("vision_cfg") or {}
+    parts = []
+    if vision:
+        parts.append("vision " + ", ".join(f"{label} {vision[key]}" for key, label in
+                                           (("image_size", "image"), ("patch_size", "patch"), ("width", "width"),
+                                            ("layers", "layers")) if key in vision))
+    if "embed_dim" in model:
+        parts.append(f"embedding {model['embed_dim']}")
+    parts.append("QuickGELU" if model.get("quick_gelu") else "GELU")
+    return f"{path} (OpenCLIP folder: {'; '.join(parts)}, from its open_clip_config.json)"
+
+
+@contextmanager
+def quiet_loading(quiet: bool = True):
+    """With --quiet: transformers' (and diffusers') "Loading weights" bars and info lines off while loading, as
+    they were after."""
+    if not quiet:
+        yield
+        return
+    saved = []
+    for name in ("transformers.utils.logging", "diffusers.utils.logging"):
+        try:
+            hf_logging = importlib.import_module(name)
+        except ImportError:
+            continue
+        saved.append((hf_logging, hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()))
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for hf_logging, level, bars in saved:
+            hf_logging.set_verbosity(level)
+            if bars:
+                hf_logging.enable_progress_bar()
 
 
 class ClipEmbedder:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .common import (MULTIBENCH_FIELDS, DatasetError, GenerationJob, generate_jobs, means, photos_in, plot_groups,
-                     progress_bar, write_csv, write_text)
+                     progress_bar, reference_photo, write_csv, write_text)
 from .metrics import METRICS
 
 log = logging.getLogger("lambda_eclipse")
@@ -463,7 +463,7 @@ def generate_missing(models, pool: Sequence[MultiSubject], compositions: Sequenc
         inputs = []
         for name in c.subjects:
             s = by_name[name]
-            photo = s.photos[min(reference, len(s.photos) - 1)]
+            photo = reference_photo(s, reference)
             inputs.append(SubjectInput(s.word, str(photo), str(s.masks[photo.name]) if photo.name in s.masks else None))
         jobs.append(GenerationJob(c.prompt, inputs, {seed: image_path(images_dir, c, seed) for seed in missing}))
     return generate_jobs(models, jobs, steps=steps, guidance=guidance, width=width, height=height, sampler=sampler,

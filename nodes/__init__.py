@@ -2,12 +2,12 @@
 
 import logging
 
-from . import canny, decode, interpolate, loaders, lora, prompt, sample, sdxl, subjects
+from . import canny, decode, interpolate, loaders, lora, prompt, regions, sample, sdxl, subjects
 from .comfy import in_comfyui, register_model_folder
 
 _log = logging.getLogger("lambda_eclipse")
 
-_MODULES = (loaders, lora, subjects, prompt, canny, sample, interpolate, decode, sdxl)
+_MODULES = (loaders, lora, subjects, prompt, canny, sample, interpolate, regions, decode, sdxl)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -47,10 +47,13 @@ class LambdaEclipseKandinskyDecode:
             "strength": ("FLOAT", {"default": 0.6, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": (
                 "img2img only: how much of the picture is redrawn. 1 = all of it (like no image); lower keeps more of "
                 "the picture. int(steps × strength) steps are run.")}),
+            "regions": ("LAMBDA_ECLIPSE_REGIONS", {"tooltip": (
+                "Optional: regions from λ-ECLIPSE Region. Each region's embedding drives its own part of the picture; "
+                "embeds (above) is the base, used wherever no region is. Needs one UNet prediction per region per step.")}),
         }}
 
     def decode(self, decoder, embeds, width=512, height=512, steps=50, guidance=7.5, seed=0, batch_seeds="increment",
-               sampler="ddpm", image=None, strength=0.6):
+               sampler="ddpm", image=None, strength=0.6, regions=None):
         w, h, changed = round_size(int(width), int(height))
         if changed:
             log.warning("width/height rounded up to multiples of 64: %dx%d", w, h)
@@ -72,6 +75,7 @@ class LambdaEclipseKandinskyDecode:
             model, embeds.embeds, embeds.negative, width=w, height=h, steps=int(steps), guidance=float(guidance),
             seeds=seeds, callback=callback, sampler=sampler, init_image=image,
             strength=float(strength) if image is not None else 1.0, preview=preview,
+            regions=list(regions) if regions else None,
         )
         return (images.to(comfy.intermediate_device()),)
 

@@ -304,7 +304,7 @@ def test_check_strict_names_exactly_the_broken_files(tmp_path, capsys):
     models = tmp_path / "models"
     prior = _place(models, "prior", data=os.urandom(1000))
     text = _place(models, "clip_text", data=b"12345678")
-    assert run(["check", "--models", models, "--strict"]) == 1
+    assert run(["check", "--models", models, "--strict"]) == 2  # missing or broken: exit 2, with or without --strict
     out, lines = _check_lines(capsys)
     assert "check FAILED" in out and "Traceback" not in out
     broken = [line for line in lines if line.startswith("BROKEN")]
@@ -337,7 +337,7 @@ def test_check_strict_partial_folder_has_one_missing_line(tiny_models, tmp_path,
     models = tmp_path / "models"
     for key in ("clip_text", "clip_vision", "decoder_unet", "decoder_movq"):
         _place(models, key, source=tiny_models[key])
-    assert run(["check", "--models", models, "--strict"]) == 1
+    assert run(["check", "--models", models, "--strict"]) == 2  # the prior is missing
     out, lines = _check_lines(capsys)
     missing = [line for line in lines if line.startswith("MISSING")]
     assert len(missing) == 1 and "prior" in missing[0], lines

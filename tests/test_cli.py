@@ -104,12 +104,27 @@ def test_interpolate_writes_the_grid(tiny_models, pictures, tmp_path):
     assert not np.array_equal(grid[:64, :64], grid[:64, 128:])
 
 
-def test_check_passes(tmp_path, capsys):
-    assert run(["check", "--models", tmp_path, "--out", tmp_path / "noise.png"]) == 0
+def test_check_passes(tiny_models, tmp_path, capsys):
+    # Every file in place (tiny test models): the pipeline runs, check passes with a warning; --strict fails.
+    assert run(["check", "--models", tiny_models["root"], "--out", tmp_path / "noise.png"]) == 0
     out = capsys.readouterr().out
-    assert "check passed" in out and "noise" in out and "Lambda-ECLIPSE-Prior-v1.0" in out
+    assert "check passed" in out and "noise" in out and "warning prior:" in out and "tiny test model" in out
     assert Image.open(tmp_path / "noise.png").size == (128, 64)
-    assert run(["check", "--models", tmp_path, "--strict"]) == 1
+    assert run(["check", "--models", tiny_models["root"], "--strict"]) == 1
+    assert "check FAILED" in capsys.readouterr().out
+
+
+def test_check_fails_when_files_are_missing(tmp_path, capsys):
+    # An empty models folder used to print "check passed" and exit 0: every file is missing, so check fails (exit 2),
+    # names each file with its link, and says to run the download command once. The tiny run still proves the code.
+    assert run(["check", "--models", tmp_path, "--out", tmp_path / "noise.png"]) == 2
+    out, err = capsys.readouterr()
+    assert "check passed" not in out and "check FAILED" in out and "Lambda-ECLIPSE-Prior-v1.0" in out
+    assert out.count("MISSING") == 5 and "noise" in out
+    assert err.startswith("error: check: model files the pipeline needs are 5 missing") and err.count("\n") == 1
+    assert err.count("python -m lambda_eclipse download") == 1 and f"--models {tmp_path}" in err
+    assert Image.open(tmp_path / "noise.png").size == (128, 64)
+    assert run(["check", "--models", tmp_path, "--strict"]) == 2
 
 
 def test_module_entry_point_help():

@@ -47,6 +47,7 @@ class FakeHub:
         self.drop_once: set[str] = set()  # files whose first GET is cut mid-body
         self.fail_get: set[str] = set()  # files whose GET answers 500
         self.redirect: set[str] = set()  # files served LFS-style through a 302 to another host
+        self.stall: set[str] = set()  # files whose every GET sends the headers, then closes without a byte of body
         self.requests: list[tuple[str, str, str | None]] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -56,7 +57,10 @@ class FakeHub:
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     def gets(self, file=None):
-        return [r for r in self.requests if r[0] == "GET" and (file is None or r[1].endswith(file))]
+        """GETs of file content (resolve and CDN URLs). huggingface_hub also asks {endpoint}/api/… for its own
+        bookkeeping (e.g. /api/agent-harnesses, at most once a day): those are no download and are not counted."""
+        return [r for r in self.requests if r[0] == "GET" and not r[1].startswith("/api/")
+                and (file is None or r[1].endswith(file))]
 
     def _handler(self):
         hub = self
@@ -127,6 +131,11 @@ class FakeHub:
                 if self.command != "GET":
                     return
                 data = content[start:]
+                if key in hub.stall:
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
                 if key in hub.drop_once:
                     hub.drop_once.discard(key)
                     self.wfile.write(data[: len(data) // 2])
@@ -186,6 +195,7 @@ def write_manifest(hub, path: Path, unknown=(), overrides=None) -> Path:
 @pytest.fixture
 def setup(hub, tmp_path):
     models = tmp_path / "models"
+    models.mkdir()  # download never creates a --models folder that does not exist (a typo would be filled silently)
     manifest = write_manifest(hub, tmp_path / "manifest.json")
     return hub, models, manifest
 
@@ -516,6 +526,7 @@ def test_generate_with_download_makes_an_image_on_a_fresh_machine(hub, tmp_path,
     photo = tmp_path / "dog.png"
     Image.new("RGB", (80, 60), (150, 90, 40)).save(photo)
     models, out = tmp_path / "models", tmp_path / "out.png"
+    models.mkdir()  # an empty models/ folder, as on a fresh install
     argv = ["generate", "--models", str(models), "--download", "--prompt", "a dog on a beach", "--subject", f"dog={photo}",
             "--steps", "2", "--width", "64", "--height", "64", "--device", "cpu", "--quiet", "--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
@@ -526,3 +537,220 @@ def test_generate_with_download_makes_an_image_on_a_fresh_machine(hub, tmp_path,
     out.unlink()
     assert main(argv) == 0  # a second run finds every file and fetches nothing
     assert len(hub.gets()) == gets
+
+
+# ------------------------------------------------------------------------------------ folders, disks, messages
+
+
+def test_a_models_folder_that_does_not_exist_is_refused_and_not_created(hub, tmp_path, monkeypatch):
+    manifest = write_manifest(hub, tmp_path / "manifest.json")
+    typo = tmp_path / "ComfyUI" / "modles"
+    args = _parser().parse_args(["download", "--models", str(typo), "--manifest", str(manifest)])
+    with pytest.raises(InputError) as err:
+        args.func(args)
+    assert f"--models {typo} does not exist, and nothing was created" in str(err.value)
+    assert "mkdir -p" in str(err.value)
+    monkeypatch.delenv("COMFYUI_MODELS", raising=False)
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path / "ComfyUI"))  # the environment's folder is checked the same way
+    args = _parser().parse_args(["download", "--manifest", str(manifest)])
+    with pytest.raises(InputError, match=r"\$COMFYUI_PATH/models .* does not exist"):
+        args.func(args)
+    assert not (tmp_path / "ComfyUI").exists() and not hub.requests
+
+
+def test_generate_download_into_a_mistyped_models_folder_creates_nothing(hub, tmp_path, capsys):
+    from lambda_eclipse.core.cli import main
+
+    typo = tmp_path / "modles"
+    assert main(["generate", "--models", str(typo), "--download", "--prompt", "a dog", "--out",
+                 str(tmp_path / "x.png")]) == 2
+    assert f"--models {typo} does not exist, and nothing was created" in capsys.readouterr().err
+    assert not typo.exists() and not hub.requests
+
+
+def test_the_library_makes_a_new_folder_only_with_its_first_file(setup, tmp_path):
+    hub, _, manifest = setup
+    fresh = tmp_path / "metrics"  # evaluate's metric models go to a folder of their own, made on demand
+    hub.fail_get.add("diffusion_pytorch_model.safetensors")
+    with pytest.raises(MissingModelsError):
+        download_models(fresh, only="prior", manifest=manifest, log=lambda s: None)
+    assert not fresh.exists()
+    hub.fail_get.clear()
+    download_models(fresh, only="prior", manifest=manifest, log=lambda s: None)
+    assert dest_of(fresh, "prior").read_bytes() == content_of(hub, "prior")
+
+
+def test_a_models_path_that_is_a_file_is_called_a_file(hub, tmp_path):
+    manifest = write_manifest(hub, tmp_path / "manifest.json")
+    (tmp_path / "models.txt").write_text("mine")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        download_models(tmp_path / "models.txt", manifest=manifest, log=lambda s: None)
+    args = _parser().parse_args(["download", "--models", str(tmp_path / "models.txt"), "--manifest", str(manifest)])
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        args.func(args)
+    assert (tmp_path / "models.txt").read_text() == "mine"
+
+
+def test_models_inside_a_comfyui_folder_is_made_when_the_first_file_arrives(hub, tmp_path):
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "custom_nodes").mkdir(parents=True)
+    (comfy / "main.py").write_text("# ComfyUI")
+    manifest = write_manifest(hub, tmp_path / "manifest.json")
+    download_models(comfy / "models", only="prior", manifest=manifest, log=lambda s: None)
+    assert dest_of(comfy / "models", "prior").read_bytes() == content_of(hub, "prior")
+
+
+def test_a_failed_file_leaves_no_empty_folder_behind(setup):
+    hub, models, manifest = setup
+    hub.fail_get.add("unet/diffusion_pytorch_model.safetensors")
+    with pytest.raises(MissingModelsError):
+        download_models(models, only="decoder_unet", manifest=manifest, log=lambda s: None)
+    assert list(models.iterdir()) == []  # no models/diffusion_models/ made for a file that never came
+
+
+def test_offline_creates_nothing(setup, monkeypatch):
+    from huggingface_hub import constants
+
+    hub, models, manifest = setup
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MissingModelsError):
+        download_models(models, manifest=manifest, log=lambda s: None)
+    assert list(models.iterdir()) == []
+
+
+def _full_disk_on(monkeypatch, file: str):
+    """The download of `file` fails the way a full disk does, after writing part of it."""
+    import huggingface_hub
+
+    real = huggingface_hub.hf_hub_download
+
+    def download(repo_id, filename, **kwargs):
+        if filename == file:
+            partial = Path(kwargs["local_dir"]) / "partial.incomplete"
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_bytes(b"x" * 100)
+            raise OSError(28, "No space left on device")
+        return real(repo_id, filename, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+
+
+def _no_room_in(monkeypatch, folder: str):
+    real_usage = dl.shutil.disk_usage
+    monkeypatch.setattr(dl.shutil, "disk_usage",
+                        lambda p: real_usage(p)._replace(free=10) if Path(p).name == folder else real_usage(p))
+
+
+def test_disk_filling_during_file_1_reports_file_1(setup, monkeypatch):
+    hub, models, manifest = setup
+    _full_disk_on(monkeypatch, "diffusion_pytorch_model.safetensors")  # the prior, file 1 of 3
+    _no_room_in(monkeypatch, "text_encoders")  # and afterwards the disk is full for file 2
+    with pytest.raises(ModelFileError) as err:
+        download_models(models, only="prior,clip", manifest=manifest, log=lambda s: None)
+    text = str(err.value)
+    assert "The disk filled up while writing prior (prior.safetensors)" in text and "No space left on device" in text
+    assert "Not tried: clip_text, clip_vision." in text
+    assert not dest_of(models, "prior").exists() and not leftovers(models) and list(models.iterdir()) == []
+
+
+def test_a_later_free_space_error_also_names_the_earlier_failures(setup, monkeypatch):
+    hub, models, manifest = setup
+    hub.fail_get.add("diffusion_pytorch_model.safetensors")  # file 1: the hub fails
+    _no_room_in(monkeypatch, "text_encoders")  # file 2: no room
+    with pytest.raises(ModelFileError) as err:
+        download_models(models, only="prior,clip", manifest=manifest, log=lambda s: None)
+    text = str(err.value)
+    assert text.startswith("Not enough free space in") and "clip_g.safetensors" in text
+    assert "Before that, 1 file(s) could not be downloaded:" in text and "prior (" in text and "HTTP 500" in text
+    assert "Not tried: clip_vision." in text
+
+
+def test_a_stalled_transfer_gives_one_message_per_file(setup, monkeypatch):
+    import logging
+    import time as real_time
+    import types
+
+    from huggingface_hub import file_download
+
+    hub, models, manifest = setup
+    hub.stall.update({"diffusion_pytorch_model.safetensors", "clip_vision_g.safetensors"})
+    # huggingface_hub waits 1 s before each of its 5 retries: not here
+    no_wait = {k: getattr(real_time, k) for k in dir(real_time) if not k.startswith("_")}
+    no_wait["sleep"] = lambda seconds: None
+    monkeypatch.setattr(file_download, "time", types.SimpleNamespace(**no_wait))
+    seen = []
+    catcher = logging.Handler(logging.WARNING)
+    catcher.emit = seen.append
+    logging.getLogger("huggingface_hub").addHandler(catcher)
+    lines = []
+    try:
+        with pytest.raises(MissingModelsError) as err:
+            download_models(models, only="prior,clip_vision", manifest=manifest, log=lines.append)
+    finally:
+        logging.getLogger("huggingface_hub").removeHandler(catcher)
+    assert [r.getMessage() for r in seen] == []  # none of its per-retry warnings reached a terminal
+    said = [line for line in lines if "was interrupted" in line]
+    assert len(said) == 2 and "prior.safetensors was interrupted 6 time(s)" in said[0], said
+    assert "clip_vision_g.safetensors" in said[1]
+    assert "2 model file(s) could not be downloaded" in str(err.value)
+    assert list(models.iterdir()) == [] and len(hub.gets("clip_vision_g.safetensors")) == 6
+
+
+# ------------------------------------------------------------------------------------ sizes
+
+
+def test_the_prior_prints_its_approximate_size_not_size_unknown(tmp_path, capsys):
+    from lambda_eclipse.core.cli import main
+    from lambda_eclipse.core.paths import manifest as shipped
+
+    prior = shipped()["prior"]
+    assert prior.size is None and prior.approx_size == 139_000_000
+    assert prior.size_text() == "~139 MB" and "(~139 MB)" in prior.describe(tmp_path)
+    assert main(["check", "--models", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert "(~139 MB)" in out and "size unknown" not in out
+
+
+def test_approx_size_is_validated():
+    assert parse_manifest([{**GOOD, "approx_size": 5}])[0].approx_size == 5
+    with pytest.raises(InputError, match="approx_size must be a byte count"):
+        parse_manifest([{**GOOD, "approx_size": "139 MB"}])
+
+
+def test_a_verified_download_records_the_exact_size(setup, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from lambda_eclipse.core.download import human_size
+
+    hub, models, _ = setup
+    manifest = write_manifest(hub, tmp_path / "m5.json", overrides={"prior": {"size": None, "approx_size": 39_000}})
+    entry = next(e for e in load_manifest(manifest) if e.key == "prior")
+    assert entry.size_text(models) == "~39 KB"
+    download_models(models, only="prior", manifest=manifest, log=lambda s: None)
+    marker = json.loads((models / dl.MARKER_NAME).read_text())
+    assert marker["files"]["lambda_eclipse/prior.safetensors"]["size"] == 40_000
+    assert entry.exact_size(models) == 40_000 and entry.size_text(models) == human_size(40_000) == "40.00 KB"
+    assert "(40.00 KB)" in entry.describe(models)
+    # measured once, known after the file is gone too (e.g. in the offline message that asks for it again)
+    dest_of(models, "prior").unlink()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MissingModelsError) as err:
+        download_models(models, only="prior", manifest=manifest, log=lambda s: None)
+    assert "[prior] (40.00 KB)" in str(err.value)
+    # a record of another file (another sha256) is not this file's size
+    other = write_manifest(hub, tmp_path / "m6.json", overrides={"prior": {"size": None, "sha256": "c" * 64}})
+    assert next(e for e in load_manifest(other) if e.key == "prior").exact_size(models) is None
+
+
+def test_verify_uses_the_recorded_size(setup, tmp_path, monkeypatch):
+    from lambda_eclipse.core import verify as verify_module
+
+    hub, models, _ = setup
+    manifest = write_manifest(hub, tmp_path / "m7.json", overrides={"prior": {"size": None}})
+    download_models(models, only="prior", manifest=manifest, log=lambda s: None)
+    entry = next(e for e in load_manifest(manifest) if e.key == "prior")
+    monkeypatch.setattr(verify_module, "manifest", lambda: {"prior": entry})
+    assert verify_module._size_matches_manifest("prior", dest_of(models, "prior")) is None
+    dest_of(models, "prior").write_bytes(b"y" * 123)
+    assert "is 123 bytes but the published file is 40,000 bytes" in verify_module._size_matches_manifest(
+        "prior", dest_of(models, "prior"))

@@ -234,3 +234,34 @@ def test_bad_layouts_say_what_to_write(data, message):
 
     with pytest.raises(InputError, match=message):
         parse_layout(data)
+
+
+# -- nodes -------------------------------------------------------------------------------------------------
+
+def test_region_node_chains_and_decode_node_uses_the_regions(decoder, emb):
+    import types
+
+    from lambda_eclipse.core.pipeline import Embeds
+    from lambda_eclipse.nodes import NODE_CLASS_MAPPINGS
+
+    region_node = NODE_CLASS_MAPPINGS["LambdaEclipseRegion"]()
+    decode_node = NODE_CLASS_MAPPINGS["LambdaEclipseKandinskyDecode"]()
+    spec = NODE_CLASS_MAPPINGS["LambdaEclipseKandinskyDecode"].INPUT_TYPES()
+    assert list(spec["optional"])[-1] == "regions"  # appended: saved workflows keep their inputs
+    holder = types.SimpleNamespace(ready=lambda: decoder)
+    a = Embeds(emb["a"], emb["neg"], [0])
+    b = Embeds(emb["b"], emb["neg"], [0])
+    base = Embeds(emb["base"], emb["neg"], [0])
+    comfy_mask = torch.zeros(1, H, W)  # ComfyUI MASK [B,H,W]
+    comfy_mask[:, :, : W // 2] = 1
+    regions, = region_node.region(a, comfy_mask, 1.0)
+    regions, = region_node.region(b, 1 - comfy_mask, 1.0, regions=regions, feather=0)
+    assert len(regions) == 2
+    with_regions, = decode_node.decode(holder, base, W, H, 3, 4.0, 11, regions=regions)
+    core = decode(decoder, emb["base"], emb["neg"], width=W, height=H, steps=3, guidance=4.0, seeds=[11],
+                  regions=list(regions))
+    assert torch.equal(with_regions, core)
+    plain, = decode_node.decode(holder, base, W, H, 3, 4.0, 11)
+    assert not torch.equal(with_regions, plain)
+    with pytest.raises(InputError, match="must come from Prior Sample"):
+        region_node.region(torch.zeros(1, 4), comfy_mask, 1.0)

@@ -274,6 +274,45 @@ def test_no_other_json_in_the_templates_folder():
         assert {"nodes", "links", "version"} <= set(load(path)), f"{path.name} is not a workflow"
 
 
+# What the frontends draw, measured in a 1600×1000 window (ComfyUI 0.3.64, frontends 1.27.10 and 1.58.1, headless
+# Chromium): the title bar above pos, a custom node's source badge 2 px above that (20 px high), and the minimum
+# height each frontend gives a node whatever the file says (LGraphNode.computeSize(); Load Image: its preview).
+TITLE, BADGE = 30, 52
+MIN_HEIGHT = {
+    "LambdaEclipseLoadPrior": 82, "LambdaEclipseLoadCLIP": 106, "LambdaEclipseLoadDecoder": 106,
+    "LambdaEclipseLoadDecoderLoRA": 82, "LambdaEclipseEncodeSubject": 190, "LambdaEclipseInterleavePrompt": 108,
+    "LambdaEclipsePriorSample": 166, "LambdaEclipseKandinskyDecode": 310, "LambdaEclipseCannyCondition": 126,
+    "LambdaEclipseEmbeddingGrid": 142, "LambdaEclipseImageGrid": 82, "LambdaEclipseEmbedsToCLIPVision": 102,
+    "LoadImage": 326, "PreviewImage": 26, "SaveImage": 58, "Note": 88, "CheckpointLoaderSimple": 98,
+    "CLIPTextEncode": 88, "unCLIPConditioning": 102, "EmptyLatentImage": 106, "KSampler": 262, "VAEDecode": 46,
+}
+MIN_WIDTH = {"LambdaEclipseLoadDecoder": 280, "LambdaEclipseEmbedsToCLIPVision": 263, "LoadImage": 223}
+# 1.27.10 restores extra.ds on a canvas that starts right of its side bar and below its menus, and draws its
+# minimap and canvas menu over the bottom-right corner.
+CANVAS_1_27 = (64, 78, 1600, 1000)
+COVERS_1_27 = {"minimap": (1306, 734, 1556, 934), "canvas menu": (1277, 939, 1584, 984)}
+# 1.58.1 opens a template at its own view: the bounds of every node's title bar and body, 10 px added on each side,
+# fitted to 75 % of the window and centred (LGraphCanvas.ds.fitToBounds, zoom 0.75); it draws over the canvas:
+COVERS_1_58 = {"side bar": (0, 0, 56, 1000), "tab bar": (0, 0, 1600, 38), "Graph tool bar": (56, 44, 210, 86),
+               "Run tool bar": (1240, 44, 1600, 86), "minimap": (1339, 738, 1592, 938), "canvas menu": (1340, 948, 1600, 1000)}
+MIN_SCALE = 8 / 14  # below 8 px for 14 px text (the newest frontend's default level of detail) nodes draw no text
+
+
+def drawn(node) -> tuple[float, float, float, float]:
+    """The box a frontend draws for a node: badge (ours) or title bar above pos, at least the frontend's minimum height."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    top = BADGE if node["type"].startswith("LambdaEclipse") else TITLE
+    return x, y - top, x + w, y + max(h, MIN_HEIGHT[node["type"]])
+
+
+def _on_screen(box, scale, offset, origin=(0, 0)):
+    return tuple(origin[i % 2] + (v + offset[i % 2]) * scale for i, v in enumerate(box))
+
+
+def _hits(a, b) -> bool:
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+
 def test_saved_view_shows_every_node_without_overlap(workflow):
     """At the saved scale/offset the whole graph fits a 1600×1000 window, and no node covers another."""
     scale, (ox, oy) = workflow["extra"]["ds"]["scale"], workflow["extra"]["ds"]["offset"]
@@ -290,6 +329,60 @@ def test_saved_view_shows_every_node_without_overlap(workflow):
         for b in boxes[i + 1:]:
             overlap = min(a[3], b[3]) - max(a[1], b[1]) > 0 and min(a[4], b[4]) - max(a[2], b[2]) > 0
             assert not overlap, f"nodes {a[0]} and {b[0]} overlap"
+
+
+def test_nodes_are_drawn_without_overlap(workflow):
+    """As the frontends draw them: no node (grown to the frontend's minimum, title bar and our source badge
+    included) covers another. Workflow 5's Load Images grew from 290 to 314 and covered Encode Subject's title;
+    the badges sat on Load Image's size caption."""
+    for node in workflow["nodes"]:
+        assert node["size"][1] >= MIN_HEIGHT[node["type"]], f"{node['type']} #{node['id']}: the frontends make it taller"
+        assert node["size"][0] >= MIN_WIDTH.get(node["type"], 210), f"{node['type']} #{node['id']}: the frontends widen it"
+    nodes = workflow["nodes"]
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            assert not _hits(drawn(a), drawn(b)), f"{a['type']} #{a['id']} and {b['type']} #{b['id']} overlap as drawn"
+
+
+def test_saved_view_is_clear_of_the_canvas_overlays(workflow):
+    """Frontend 1.27.10 opens the saved view: every node inside its canvas, readable, none under its minimap or
+    canvas menu (they covered the Save Image previews)."""
+    ds = workflow["extra"]["ds"]
+    assert ds["scale"] >= MIN_SCALE
+    left, top, right, bottom = CANVAS_1_27
+    for node in workflow["nodes"]:
+        box = _on_screen(drawn(node), ds["scale"], ds["offset"], (left, top))
+        where = f"{node['type']} #{node['id']} at {[round(v) for v in box]}"
+        assert left <= box[0] and top <= box[1] and box[2] <= right and box[3] <= bottom, f"{where}: off the canvas"
+        for name, cover in COVERS_1_27.items():
+            assert not _hits(box, cover), f"{where}: under 1.27.10's {name}"
+
+
+def test_template_view_of_the_newest_frontend(workflow):
+    """Frontend 1.58.1 ignores the saved view for a template and fits the graph itself: it must still open readable
+    (the grid opened at 0.52, with no text) and with no node under its minimap, tool bars or side bar."""
+    nodes = workflow["nodes"]
+    x0 = min(n["pos"][0] for n in nodes) - 10
+    y0 = min(n["pos"][1] - TITLE for n in nodes) - 10
+    w = max(n["pos"][0] + n["size"][0] for n in nodes) + 10 - x0
+    h = max(n["pos"][1] + n["size"][1] for n in nodes) + 10 - y0
+    scale = min(0.75 * 1600 / max(w, 300), 0.75 * 1000 / max(h, 300))
+    offset = (800 / scale - x0 - w / 2, 500 / scale - y0 - h / 2)
+    assert scale >= MIN_SCALE, f"1.58.1 opens it at {scale:.3f}: nodes would draw without text"
+    for node in nodes:
+        box = _on_screen(drawn(node), scale, offset)
+        for name, cover in COVERS_1_58.items():
+            assert not _hits(box, cover), f"{node['type']} #{node['id']} at {[round(v) for v in box]}: under 1.58.1's {name}"
+
+
+def test_template_names_fit_and_sort():
+    """The card title is the file name in both frontends, in the server's (file system) order: names start with
+    their number 1…N and fit one line of 1.58.1's card; no character that a file system refuses."""
+    stems = [p.stem for p in WORKFLOWS]
+    assert [int(s.split(" - ")[0]) for s in stems] == list(range(1, len(stems) + 1))
+    for stem in stems:
+        assert len(stem) <= 30, f"{stem!r}: 1.58.1 cuts card titles longer than about 30 characters"
+        assert not set(stem) & set('<>:"/\\|?*'), stem
 
 
 def test_a_note_explains_what_to_change(workflow):
@@ -360,7 +453,7 @@ def test_lora_workflow_puts_the_lora_between_loader_and_decode():
     """Workflow 7: Load Kandinsky Decoder → Load Decoder LoRA → Kandinsky Decode, and the base decoder beside it
     with the same embedding and settings; the Note tells how to make the LoRA under the name the node asks for."""
     path, = [p for p in WORKFLOWS if any(n["type"] == "LambdaEclipseLoadDecoderLoRA" for n in load(p)["nodes"])]
-    assert path.stem == "7 - Fine-tuned concept (decoder LoRA)"
+    assert path.stem == "7 - Beach dog (decoder LoRA)"
     api = ui_to_api(load(path))
     by_type = {}
     for key, node in api.items():
@@ -375,13 +468,15 @@ def test_lora_workflow_puts_the_lora_between_loader_and_decode():
     assert len(by_type["SaveImage"]) == 2
     text, = [n["widgets_values"][0] for n in load(path)["nodes"] if n["type"] == "Note"]
     assert "finetune-decoder" in text and f"models/loras/{USER_FILES['LambdaEclipseLoadDecoderLoRA']['lora_name']}" in text
+    # What a user without the LoRA sees (1.27.10 shows no message on Run, only a red outline): said truthfully.
+    assert "Without it, Run still makes the lower (base decoder) picture" in text and "console" in text
 
 
 def test_sdxl_workflow_feeds_the_embedding_to_unclip():
     """Prior Sample → Embeds to CLIP Vision → unCLIPConditioning on the SDXL positive prompt → KSampler (core only after)."""
     path, = [p for p in WORKFLOWS if is_sdxl(load(p))]
     workflow = load(path)
-    assert path.stem == "6 - SDXL with subjects (unCLIP ReVision)"
+    assert path.stem == "6 - Cat on a mountain in SDXL"
     api = ui_to_api(workflow)
     assert {n["class_type"] for n in api.values()} - set(NODE_CLASS_MAPPINGS) == {
         "LoadImage", "CheckpointLoaderSimple", "CLIPTextEncode", "unCLIPConditioning", "EmptyLatentImage", "KSampler",

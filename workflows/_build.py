@@ -67,8 +67,55 @@ NOTE_MODELS_SDXL = (
     "No Kandinsky decoder here. Load CLIP's clip_name may also be the SDXL checkpoint itself: its bigG text tower is read "
     "from it, so clip_g_sdxl.fp16 can be skipped."
 )
-# The view a template opens with must show every node in a 1600×1000 window (the canvas is a little smaller).
-VIEW = (1600, 1000)
+# What the frontends draw around nodes and over the canvas, measured in a 1600×1000 window with ComfyUI 0.3.64 and
+# frontends 1.27.10 and 1.58.1 (headless Chromium). A node's title bar sits above its pos; a custom node's source
+# badge ("lambda_eclipse", 20 px) sits 2 px above the title bar, so our nodes reach 52 above pos.
+TITLE, BADGE = 30, 52
+# Both frontends grow a Load Image to its preview's minimum whatever the file says (314 on load, 326 computed).
+LOAD_IMAGE_HEIGHT = 326
+GAP = 56  # between a node and one of ours below it: clear of that node's badge
+WINDOW = (1600, 1000)
+# 1.27.10 restores extra.ds on its canvas, which starts right of the side bar and below the menus; its minimap and
+# canvas menu cover the bottom-right corner (window coordinates).
+CANVAS_1_27 = (64, 78, 1600, 1000)
+COVERS_1_27 = [(1306, 734, 1556, 934), (1277, 939, 1584, 984)]
+# 1.58.1 ignores extra.ds for a template: it fits the graph's bounds (title bars + 10 px) to 75 % of the whole
+# window (LGraphCanvas.ds.fitToBounds, zoom 0.75) and draws over the canvas: side bar, tab bar, the Graph and Run
+# tool bars, minimap and canvas menu.
+COVERS_1_58 = [(0, 0, 56, 1000), (0, 0, 1600, 38), (56, 44, 210, 86), (1240, 44, 1600, 86), (1339, 738, 1592, 938),
+               (1340, 948, 1600, 1000)]
+# Below 8 px for 14 px text (the newest frontend's default level-of-detail threshold) nodes draw without text.
+MIN_SCALE = 8 / 14
+
+
+def extent(node) -> tuple[float, float, float, float]:
+    """What the frontends draw for a node: title bar (and badge for ours) above pos, at least their minimum height."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    if node["type"] == "LoadImage":
+        h = max(h, LOAD_IMAGE_HEIGHT)
+    top = BADGE if node["type"].startswith("LambdaEclipse") else TITLE
+    return x, y - top, x + w, y + h
+
+
+def view_1_58(nodes) -> tuple[float, list[float]]:
+    """(scale, offset) frontend 1.58.1 opens a template with: fitToBounds(createBounds(boundingRect), zoom 0.75)."""
+    x0 = min(n["pos"][0] for n in nodes) - 10
+    y0 = min(n["pos"][1] - TITLE for n in nodes) - 10
+    w = max(n["pos"][0] + n["size"][0] for n in nodes) + 10 - x0
+    h = max(n["pos"][1] + n["size"][1] for n in nodes) + 10 - y0
+    scale = min(0.75 * WINDOW[0] / max(w, 300), 0.75 * WINDOW[1] / max(h, 300))
+    return scale, [WINDOW[0] / 2 / scale - x0 - w / 2, WINDOW[1] / 2 / scale - y0 - h / 2]
+
+
+def on_screen(node, scale, offset, origin=(0, 0)) -> tuple[float, float, float, float]:
+    """A node's extent in window pixels (LiteGraph draws at (pos + offset) · scale from the canvas origin)."""
+    x0, y0, x1, y1 = extent(node)
+    return (origin[0] + (x0 + offset[0]) * scale, origin[1] + (y0 + offset[1]) * scale,
+            origin[0] + (x1 + offset[0]) * scale, origin[1] + (y1 + offset[1]) * scale)
+
+
+def intersects(a, b) -> bool:
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
 
 
 def declaration(node_type: str):
@@ -93,14 +140,13 @@ def declaration(node_type: str):
 
 
 def node_height(sockets: int, outputs: int, widgets: int) -> int:
-    """At least the height the frontend gives such a node (title, slot rows, then widget rows)."""
-    return 46 + 24 * max(sockets, outputs) + 30 * widgets
+    """The frontends' own minimum (computeSize: 14 + 20 per slot row + 24 per widget, both 1.27.10 and 1.58.1) + 12."""
+    return 26 + 20 * max(sockets, outputs) + 24 * widgets
 
 
 class Graph:
     def __init__(self):
         self.nodes, self.links = [], []
-        self.view_margins = {}  # fit_view margins other than the defaults
 
     def add(self, node_type, pos, widgets=None, title=None, size=None):
         sockets, widget_names, outputs, defaults = declaration(node_type)
@@ -136,9 +182,9 @@ class Graph:
         self.nodes.append(node)
         return node["id"]
 
-    def bottom(self, *ids, gap=60):
+    def bottom(self, *ids, gap=GAP):
         """The y just below the lowest of these nodes."""
-        return max(self.nodes[i - 1]["pos"][1] + self.nodes[i - 1]["size"][1] for i in ids) + gap
+        return max(extent(self.nodes[i - 1])[3] for i in ids) + gap
 
     def link(self, src, src_output, dst, dst_input):
         s, d = self.nodes[src - 1], self.nodes[dst - 1]
@@ -160,7 +206,7 @@ class Graph:
             "id": "00000000-0000-4000-8000-00000000e11a", "revision": 0,
             "last_node_id": len(self.nodes), "last_link_id": len(self.links),
             "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
-            "extra": {"ds": self.fit_view(**self.view_margins)}, "models": self.models(), "version": 0.4,
+            "extra": {"ds": self.fit_view()}, "models": self.models(), "version": 0.4,
         }
 
     def models(self):
@@ -171,16 +217,23 @@ class Graph:
                 seen.setdefault(model["name"], model)
         return list(seen.values())
 
-    def fit_view(self, left=90, top=80, right=70, bottom=80):
-        """Scale and offset so the whole graph is on screen (LiteGraph draws at (pos + offset) · scale); the
-        margins keep it clear of the frontends' side bar and tool bars."""
-        x0 = min(n["pos"][0] for n in self.nodes)
-        y0 = min(n["pos"][1] for n in self.nodes) - 40  # titles sit above pos
-        x1 = max(n["pos"][0] + n["size"][0] for n in self.nodes)
-        y1 = max(n["pos"][1] + n["size"][1] for n in self.nodes)
-        scale = min(1.0, (VIEW[0] - left - right) / (x1 - x0), (VIEW[1] - top - bottom) / (y1 - y0))
-        scale = int(scale * 100) / 100
-        return {"scale": scale, "offset": [round(left / scale - x0, 1), round(top / scale - y0, 1)]}
+    def fit_view(self, margin=24):
+        """The saved view (1.27.10 restores it): the largest scale (≤ 1) at which every node, title and badge
+        included, is inside its canvas with a margin and clear of its minimap and canvas menu, the graph at the
+        top left. A layout that leaves no such scale ≥ MIN_SCALE is refused."""
+        boxes = [extent(n) for n in self.nodes]
+        x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+        ox, oy, right, bottom = CANVAS_1_27
+        width, height = right - ox - 2 * margin, bottom - oy - 2 * margin
+        scale = int(min(1.0, width / (x1 - x0), height / (y1 - y0)) * 100) / 100
+        while scale >= MIN_SCALE:
+            offset = [round(margin / scale - x0, 1), round(margin / scale - y0, 1)]
+            if not any(intersects(on_screen(n, scale, offset, (ox, oy)), cover)
+                       for n in self.nodes for cover in COVERS_1_27):
+                return {"scale": scale, "offset": offset}
+            scale = round(scale - 0.01, 2)
+        raise AssertionError("no readable saved view keeps the graph clear of 1.27.10's minimap: change the layout")
 
 
 def loaders(g: Graph, x=0, y=0, decoder=True):
@@ -188,16 +241,17 @@ def loaders(g: Graph, x=0, y=0, decoder=True):
     def files(node):
         return {combo: FILES[key].name for combo, key in LOADER_FILES[node].items()}
 
-    prior = g.add("LambdaEclipseLoadPrior", (x, y), dict(files("LambdaEclipseLoadPrior"), dtype="auto"), size=[340, 110])
-    clip = g.add("LambdaEclipseLoadCLIP", (x, y + 150), dict(files("LambdaEclipseLoadCLIP"), dtype="auto"), size=[340, 130])
+    prior = g.add("LambdaEclipseLoadPrior", (x, y), dict(files("LambdaEclipseLoadPrior"), dtype="auto"), size=[340, None])
+    clip = g.add("LambdaEclipseLoadCLIP", (x, g.bottom(prior)), dict(files("LambdaEclipseLoadCLIP"), dtype="auto"),
+                 size=[340, None])
     if not decoder:
         return prior, clip, None
-    decoder = g.add("LambdaEclipseLoadDecoder", (x, y + 320), dict(files("LambdaEclipseLoadDecoder"), dtype="auto"),
-                    size=[340, 130])
+    decoder = g.add("LambdaEclipseLoadDecoder", (x, g.bottom(clip)), dict(files("LambdaEclipseLoadDecoder"), dtype="auto"),
+                    size=[340, None])
     return prior, clip, decoder
 
 
-def image(g: Graph, asset: str, pos, size=(280, 330)):
+def image(g: Graph, asset: str, pos, size=(280, LOAD_IMAGE_HEIGHT)):
     return g.add("LoadImage", pos, {"image": PREFIX + asset}, size=list(size))
 
 
@@ -222,7 +276,8 @@ def finish(g, prior, clip, decoder, prompt_node, pos, prefix, control=None, seed
         "width": 512, "height": 512, "steps": 50, "guidance": 7.5, "seed": seed, "batch_seeds": "increment"})
     g.link(decoder, "decoder", dec, "decoder")
     g.link(sample, "embeds", dec, "embeds")
-    save = g.add("SaveImage", (x + 740, y), {"filename_prefix": f"lambda_eclipse/{prefix}"}, size=[420, 470])
+    # At the top right: the bottom-right corner is where both frontends draw their minimap.
+    save = g.add("SaveImage", (x + 740, 0), {"filename_prefix": f"lambda_eclipse/{prefix}"}, size=[420, 470])
     g.link(dec, "images", save, "images")
     return sample, dec
 
@@ -279,47 +334,50 @@ def canny_workflow():
 
 
 def grid_workflow():
-    """Compact enough to open readable (scale ≥ 0.58, where the frontends still draw text) in a 1600×1000 window."""
+    """Compact enough to open readable (scale ≥ MIN_SCALE) in both frontends in a 1600×1000 window: 1.58.1 fits
+    the whole graph to 75 % of the window, so it must stay within about 2050 × 1250."""
     g = Graph()
     prior, clip, decoder = loaders(g)
     note(g, "λ-ECLIPSE interpolation grid (the paper's figure): two dogs × two hats, prompt 'a dog is wearing a hat'. "
          "Each corner (a column below) is one Prior Sample with the same seed; Embedding Grid blends them (steps 2 → "
          "3×3, 4 → 5×5) and Kandinsky Decode uses one seed for every cell (batch_seeds 'same'), so only the blend "
          "changes. Image Grid lays the pictures out as one picture.\n\nTo change: swap the dog and hat photos, the "
-         "prompt (all four Interleave Prompt nodes) or the grid steps.", g.bottom(decoder), height=500)
-    photos = [image(g, name, (380 + 290 * i, 0), size=[270, 290])
+         "prompt (all four Interleave Prompt nodes) or the grid steps.", g.bottom(decoder), height=660)
+    column, width = 280, 260
+    photos = [image(g, name, (380 + column * i, 0), size=[width, LOAD_IMAGE_HEIGHT])
               for i, name in enumerate(("dog.jpg", "dog_spotted.jpg", "hat.jpg", "hat_straw.jpg"))]
     dogs, hats = photos[:2], photos[2:]
-    y = g.bottom(*photos, gap=50)
-    dog_subjects = [subject(g, clip, d, "dog", (380 + 290 * i, y), width=270) for i, d in enumerate(dogs)]
-    top = g.bottom(*dog_subjects, gap=50)
+    y = g.bottom(*photos)
+    dog_subjects = [subject(g, clip, d, "dog", (380 + column * i, y), width=width) for i, d in enumerate(dogs)]
+    top = g.bottom(*dog_subjects)
     corners = []
     for i, (dog_node, hat_img) in enumerate((d, h) for d in dog_subjects for h in hats):
-        x = 380 + 290 * i
-        both = subject(g, clip, hat_img, "hat", (x, top), previous=dog_node, width=270)
-        prompt = g.add("LambdaEclipseInterleavePrompt", (x, g.bottom(both, gap=40)), {"text": "a dog is wearing a hat"},
-                       size=[270, 120])
+        x = 380 + column * i
+        both = subject(g, clip, hat_img, "hat", (x, top), previous=dog_node, width=width)
+        prompt = g.add("LambdaEclipseInterleavePrompt", (x, g.bottom(both)), {"text": "a dog is wearing a hat"},
+                       size=[width, 110])
         g.link(clip, "clip", prompt, "clip")
         g.link(both, "subjects", prompt, "subjects")
-        sample = g.add("LambdaEclipsePriorSample", (x, g.bottom(prompt, gap=40)), {"seed": 7, "batch_size": 1}, size=[270, None])
+        sample = g.add("LambdaEclipsePriorSample", (x, g.bottom(prompt)), {"seed": 7, "batch_size": 1}, size=[width, None])
         g.link(prior, "prior", sample, "prior")
         g.link(clip, "clip", sample, "clip")
         g.link(prompt, "prompt", sample, "prompt")
         corners.append(sample)
-    x = 380 + 290 * 4
-    grid = g.add("LambdaEclipseEmbeddingGrid", (x, 0), {"steps": 2, "mode": "lerp"}, size=[300, None])
+    x = 380 + column * 4
+    grid = g.add("LambdaEclipseEmbeddingGrid", (x, 0), {"steps": 2, "mode": "lerp"}, size=[width, None])
     for sample, name in zip(corners, ("top_left", "top_right", "bottom_left", "bottom_right")):
         g.link(sample, "embeds", grid, name)
-    dec = g.add("LambdaEclipseKandinskyDecode", (x, g.bottom(grid, gap=50)), {
-        "width": 512, "height": 512, "steps": 50, "guidance": 7.5, "seed": 7, "batch_seeds": "same"}, size=[300, None])
+    dec = g.add("LambdaEclipseKandinskyDecode", (x, g.bottom(grid)), {
+        "width": 512, "height": 512, "steps": 50, "guidance": 7.5, "seed": 7, "batch_seeds": "same"}, size=[width, None])
     g.link(decoder, "decoder", dec, "decoder")
     g.link(grid, "embeds", dec, "embeds")
-    tile = g.add("LambdaEclipseImageGrid", (x, g.bottom(dec, gap=50)), {"columns": 0, "gap": 8}, size=[300, None])
+    tile = g.add("LambdaEclipseImageGrid", (x, g.bottom(dec)), {"columns": 0, "gap": 8}, size=[width, None])
     g.link(dec, "images", tile, "images")
-    save_grid = g.add("SaveImage", (x + 330, 0), {"filename_prefix": "lambda_eclipse/grid_figure"}, size=[440, 560])
+    # The saved pictures on the right, their bottom above the minimap's corner.
+    save_grid = g.add("SaveImage", (x + column, 0), {"filename_prefix": "lambda_eclipse/grid_figure"}, size=[250, 400])
     g.link(tile, "image", save_grid, "images")
-    save = g.add("SaveImage", (x + 330, g.bottom(save_grid, gap=50)), {"filename_prefix": "lambda_eclipse/grid"},
-                 size=[440, 420])
+    save = g.add("SaveImage", (x + column, g.bottom(save_grid, gap=40)), {"filename_prefix": "lambda_eclipse/grid"},
+                 size=[250, 400])
     g.link(dec, "images", save, "images")
     return g
 
@@ -342,11 +400,8 @@ def sdxl_workflow(name):
     """λ-ECLIPSE embedding → core unCLIPConditioning (ReVision) on SDXL base: our nodes up to the bridge, core after."""
     text = "a cat on top of the snow mountain"
     g = Graph()
-    # The canvas starts right of the frontends' side bar (~65 px) and below their top bars (~80 px): keep the
-    # right-hand Save Image and the bottom of the Note inside the window.
-    g.view_margins = {"right": 100, "bottom": 120}
     prior, clip, _ = loaders(g, decoder=False)
-    ckpt = g.add("CheckpointLoaderSimple", (0, 320), {"ckpt_name": SDXL_BASE["name"]}, size=[340, None])
+    ckpt = g.add("CheckpointLoaderSimple", (0, g.bottom(clip)), {"ckpt_name": SDXL_BASE["name"]}, size=[340, None])
     note(g, "λ-ECLIPSE subjects in SDXL (unCLIP / ReVision). The prior turns the cat photo and the prompt into one "
          "OpenCLIP bigG image embedding: the space CLIP Vision Encode makes with clip_vision_g. Embeds to CLIP Vision "
          "hands it to core unCLIPConditioning, which puts it in place of SDXL's pooled text embedding (ReVision); the "
@@ -407,10 +462,12 @@ def lora_workflow():
          "--clip-vision models/clip_vision/clip_vision_g.safetensors --images my_dog_photos/ --out runs/my_dog "
          "--steps 400 --sample-every 100\n"
          f"then copy runs/my_dog/concept_lora.safetensors to models/loras/{LORA_NAME} (or keep its name and pick it "
-         "in Load Decoder LoRA after pressing R).\n\nTo change: use one of the same photos in Load Image, set its word "
+         "in Load Decoder LoRA after pressing R). Without it, Run still makes the lower (base decoder) picture; "
+         "Load Decoder LoRA is only outlined in red (the newest frontend also lists it under Issues) and ComfyUI's "
+         "console says where the file goes.\n\nTo change: use one of the same photos in Load Image, set its word "
          "and the prompt; strength 1 = as trained, 0 = the base decoder, in between = partly; chain Load Decoder "
          "LoRA nodes to use several concepts' LoRAs at once.",
-         g.bottom(decoder), height=560)
+         g.bottom(decoder), height=620)
     sample = one_subject_embeds(g, prior, clip, "dog.jpg", "dog", text)
     x = 770
     lora = g.add("LambdaEclipseLoadDecoderLoRA", (x, g.bottom(sample)), {"lora_name": LORA_NAME, "strength": 1.0},
@@ -422,26 +479,30 @@ def lora_workflow():
     tuned = g.add("LambdaEclipseKandinskyDecode", (x, 0), settings, title="Kandinsky Decode (with the LoRA)", size=[320, None])
     g.link(lora, "decoder", tuned, "decoder")
     g.link(sample, "embeds", tuned, "embeds")
-    save_tuned = g.add("SaveImage", (x + 350, 0), {"filename_prefix": "lambda_eclipse/concept_lora"}, size=[380, 420])
+    save_tuned = g.add("SaveImage", (x + 350, 0), {"filename_prefix": "lambda_eclipse/concept_lora"}, size=[380, 380])
     g.link(tuned, "images", save_tuned, "images")
-    y = g.bottom(tuned, save_tuned)
-    base = g.add("LambdaEclipseKandinskyDecode", (x, y), settings, title="Kandinsky Decode (base decoder)", size=[320, None])
+    base = g.add("LambdaEclipseKandinskyDecode", (x, g.bottom(tuned)), settings, title="Kandinsky Decode (base decoder)",
+                 size=[320, None])
     g.link(decoder, "decoder", base, "decoder")
     g.link(sample, "embeds", base, "embeds")
-    save_base = g.add("SaveImage", (x + 350, y), {"filename_prefix": "lambda_eclipse/concept_base"}, size=[380, 420])
+    # Below the LoRA's picture, its bottom above the minimap's corner.
+    save_base = g.add("SaveImage", (x + 350, g.bottom(save_tuned, gap=40)), {"filename_prefix": "lambda_eclipse/concept_base"},
+                      size=[380, 380])
     g.link(base, "images", save_base, "images")
     return g
 
 
-# Template cards are titled with the file name and cannot be ordered: the names say what each one makes.
+# Both frontends title a pack's template card with its file name (1.27.10 repeats it as the description, '-' and
+# '_' shown as spaces) and list the cards in the server's order, which is the file system's (not sorted): the names
+# say what each picture is, start with the number, and fit on one line of 1.58.1's card (≤ 30 characters).
 NAMES = {
-    "one_subject": "1 - One subject (a cat on a mountain)",
-    "two_subjects": "2 - Two subjects (a cat wearing glasses)",
-    "three_subjects": "3 - Three subjects (dog, hat, sunglasses)",
-    "canny": "4 - Canny layout (a dog surfing)",
-    "grid": "5 - Interpolation grid (two dogs x two hats)",
-    "sdxl": "6 - SDXL with subjects (unCLIP ReVision)",
-    "lora": "7 - Fine-tuned concept (decoder LoRA)",
+    "one_subject": "1 - Cat on a snowy mountain",
+    "two_subjects": "2 - Cat wearing glasses",
+    "three_subjects": "3 - Dog, hat and sunglasses",
+    "canny": "4 - Surfing dog (Canny layout)",
+    "grid": "5 - Dogs x hats blend grid",
+    "sdxl": "6 - Cat on a mountain in SDXL",
+    "lora": "7 - Beach dog (decoder LoRA)",
 }
 
 
