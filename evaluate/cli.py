@@ -13,7 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Sequence
 
-from ..core.cli import run_command
+from ..core.cli import HelpFormatter, run_command
 from ..core.errors import InputError
 from .dreambench import DatasetError
 from .metrics import MetricModelError
@@ -390,17 +390,6 @@ def cmd_compare(args) -> int:
     return 0
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Every option's help ends with its default, when it has one worth saying (not None, not a flag's False)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        default = action.default
-        if "%(default)" in text or not action.option_strings or any(default is v for v in (None, False, argparse.SUPPRESS)):
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 def _add_metric_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("metric models (local files; fetched only with --download)")
     g.add_argument("--metric-models", metavar="DIR", help="a folder with dino-vits16/ and clip-vit-b-32-openai/ (the "
@@ -450,14 +439,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lambda_eclipse.evaluate", formatter_class=_HelpFormatter,
+    parser = argparse.ArgumentParser(prog="python -m lambda_eclipse.evaluate", formatter_class=HelpFormatter,
                                      description="λ-ECLIPSE evaluation: DINO / CLIP-I / CLIP-T on Dreambench (paper "
                                      "Table 2) and Multibench (Table 4).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and inferred")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("dreambench", help="generate (resumable, shardable) and score the Dreambench prompts",
-                       formatter_class=_HelpFormatter)
+                       formatter_class=HelpFormatter)
     d.add_argument("--dataset", required=True, help="google/dreambooth's dataset/ folder (prompts_and_classes.txt + <subject>/*.jpg)")
     d.add_argument("--out", required=True, help="run folder: images/, scores.csv, summary.md, scores.png (one run "
                    "at a time: a second run on it is refused)")
@@ -469,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser(
         "multibench", help="two- and three-subject prompts (paper Table 4): sample, generate, score",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         description="Multibench as the paper measures it: the Table 8 templates filled with Dreambench subjects and "
         "concept folders of your own, four images per prompt, DINO / CLIP-I per subject and CLIP-T. The paper's "
         "subject pairings and its extra concepts (parks, hats, glasses, …) are not public: the compositions are "
@@ -495,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_multibench)
 
     c = sub.add_parser("compare", help="two runs' scores side by side with bootstrap 95%% intervals",
-                       formatter_class=_HelpFormatter)
+                       formatter_class=HelpFormatter)
     c.add_argument("a", help="run A: a run folder or its scores.csv")
     c.add_argument("b", help="run B: a run folder or its scores.csv")
     c.add_argument("--samples", type=int, default=2000, help="bootstrap resamples, 1 … 100000")
@@ -505,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
 
     dm = sub.add_parser("download-metrics", help="fetch DINO ViT-S/16 and CLIP ViT-B/32 into a folder (verified)",
-                        formatter_class=_HelpFormatter,
+                        formatter_class=HelpFormatter,
                         description="Download facebook/dino-vits16 and timm/vit_base_patch32_clip_224.openai from the "
                         "Hugging Face hub (evaluate/metric_models.json) through the pack's downloader: files in place "
                         "are checked and skipped; HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE are honoured.")

@@ -1,5 +1,8 @@
-"""What the Dreambench and Multibench runs share: work sharding, progress bars, atomic writes, image generation
-for a list of (prompt, subjects, seed → path) jobs, the scores.csv layouts and the per-group plot."""
+"""What the Dreambench and Multibench runs share, so that a third benchmark only says what is its own (its items,
+their image paths, prompts and subjects, and how an image is scored): work sharding, the run folder checks,
+`--reference`, progress bars, the pack's atomic writer, the resume rule (missing_images), image generation for a
+list of (prompt, subjects, seed → path) jobs, finding images by name, scoring in chunks, the scores.csv layouts and
+reader, the summary's table rows and settings, and the per-group plot."""
 
 from __future__ import annotations
 
@@ -7,9 +10,10 @@ import csv
 import io
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .metrics import LABELS, METRICS
 
@@ -222,6 +226,76 @@ def generate_jobs(models, jobs: Sequence[GenerationJob], *, steps: int = 50, gui
         bar.update(len(seeds))
     bar.close()
     return written
+
+
+# -- what every benchmark does with its own items (a Dreambench (subject, prompt), a Multibench composition) -----------
+
+def missing_images(items: Sequence, seeds: Sequence[int], path_of: Callable) -> list[tuple[object, list[int]]]:
+    """(item, the seeds whose image `path_of(item, seed)` does not exist yet) for each item with one missing:
+    existing images are never redone (the resume rule of every benchmark)."""
+    todo = []
+    for item in items:
+        missing = [s for s in seeds if not path_of(item, s).exists()]
+        if missing:
+            todo.append((item, missing))
+    return todo
+
+
+def subject_input(word: str, subject, reference: int):
+    """The pipeline's input for a benchmark subject (anything with .photos and .masks): photo number `reference`,
+    with its mask when there is one."""
+    from ..core.pipeline import SubjectInput
+
+    photo = reference_photo(subject, reference)
+    return SubjectInput(word, str(photo), str(subject.masks[photo.name]) if photo.name in subject.masks else None)
+
+
+def generate_missing_images(models, items: Sequence, seeds: Sequence[int], path_of: Callable, prompt_of: Callable,
+                            inputs_of: Callable, **settings) -> int:
+    """Make every missing image of `items` (see missing_images), one batch per item: `prompt_of(item)` with the
+    subjects `inputs_of(item)` (SubjectInputs); `settings` go to generate_jobs. Returns how many were written."""
+    jobs = [GenerationJob(prompt_of(item), inputs_of(item), {seed: path_of(item, seed) for seed in missing})
+            for item, missing in missing_images(items, seeds, path_of)]
+    return generate_jobs(models, jobs, **settings)
+
+
+def matching_files(folder, pattern: re.Pattern) -> list[tuple[re.Match, Path]]:
+    """(match, path) of each file directly in `folder` whose name matches `pattern`, in name order."""
+    folder = Path(folder)
+    found = []
+    for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+        match = pattern.match(path.name)
+        if match:
+            found.append((match, path))
+    return found
+
+
+def score_in_chunks(found: Sequence, score_chunk: Callable, quiet: bool = False, size: int = 32,
+                    key: Callable | None = None) -> list[dict]:
+    """`score_chunk(chunk)` → rows, over `found` in chunks of at most `size` (a new chunk also wherever `key` of
+    the items changes, e.g. one subject per chunk), with one progress bar for all of them."""
+    chunks: list[list] = []
+    for item in found:
+        if not chunks or len(chunks[-1]) >= size or (key is not None and key(chunks[-1][-1]) != key(item)):
+            chunks.append([])
+        chunks[-1].append(item)
+    rows = []
+    bar = progress_bar(len(found), "score", quiet)
+    for chunk in chunks:
+        rows += score_chunk(chunk)
+        bar.update(len(chunk))
+    bar.close()
+    return rows
+
+
+def means_row(label: str, values: dict, fmt: str = "{:.3f}") -> str:
+    """A markdown table row: the label, then DINO, CLIP-I, CLIP-T formatted with `fmt`."""
+    return f"| {label} | " + " | ".join(fmt.format(values[k]) for k in METRICS) + " |"
+
+
+def settings_lines(settings: dict | None) -> list[str]:
+    """The "## Settings" section of a summary.md (nothing when there are no settings)."""
+    return ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in settings.items()] if settings else []
 
 
 def plot_groups(groups: Sequence[tuple[str, Sequence[dict], dict]], path, label_width: int = 150) -> Path:

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .common import (DREAMBENCH_FIELDS, PHOTO_SUFFIXES, DatasetError, GenerationJob, generate_jobs, means,  # noqa: F401
-                     photos_in, plot_groups, progress_bar, read_scores, reference_photo, shard, write_csv,
-                     write_text)
+from .common import (DREAMBENCH_FIELDS, PHOTO_SUFFIXES, DatasetError, generate_missing_images,  # noqa: F401
+                     matching_files, means, means_row, photos_in, plot_groups, progress_bar,
+                     read_scores, score_in_chunks, settings_lines, shard, subject_input, write_csv, write_text)
+from .common import missing_images as common_missing
 from .metrics import METRICS, PAPER
 
 LIVE_CLASSES = frozenset({"cat", "dog"})
@@ -138,12 +139,7 @@ def image_path(images_dir, subject: str, index: int, seed: int) -> Path:
 def missing_images(items: Sequence[WorkItem], images_dir, seeds: Sequence[int]) -> list[tuple[WorkItem, list[int]]]:
     """(item, the seeds whose image does not exist yet) for each item with at least one missing: existing images
     are never redone."""
-    todo = []
-    for item in items:
-        missing = [s for s in seeds if not image_path(images_dir, item.subject, item.index, s).exists()]
-        if missing:
-            todo.append((item, missing))
-    return todo
+    return common_missing(items, seeds, lambda item, seed: image_path(images_dir, item.subject, item.index, seed))
 
 
 def generate_missing(models, subjects: Sequence[DreamSubject], items: Sequence[WorkItem], images_dir, seeds: Sequence[int],
@@ -151,29 +147,18 @@ def generate_missing(models, subjects: Sequence[DreamSubject], items: Sequence[W
                      sampler: str = "ddpm", fit: str = "crop", quiet: bool = False) -> int:
     """Generate every missing image of `items`; returns how many were written. One image per seed: image i of a
     prompt uses seed i, the same pixels whether it is made alone or in a batch (core.pipeline's seed rule)."""
-    from ..core.pipeline import SubjectInput
-
     by_name = {s.name: s for s in subjects}
-    jobs = []
-    for item, missing in missing_images(items, images_dir, seeds):
-        s = by_name[item.subject]
-        photo = reference_photo(s, reference)
-        subject = SubjectInput(s.cls, str(photo), str(s.masks[photo.name]) if photo.name in s.masks else None)
-        jobs.append(GenerationJob(item.prompt, [subject],
-                                  {seed: image_path(images_dir, item.subject, item.index, seed) for seed in missing}))
-    return generate_jobs(models, jobs, steps=steps, guidance=guidance, width=width, height=height, sampler=sampler,
-                         fit=fit, quiet=quiet)
+    return generate_missing_images(
+        models, items, seeds, lambda item, seed: image_path(images_dir, item.subject, item.index, seed),
+        lambda item: item.prompt, lambda item: [subject_input(by_name[item.subject].cls, by_name[item.subject], reference)],
+        steps=steps, guidance=guidance, width=width, height=height, sampler=sampler, fit=fit, quiet=quiet)
 
 
 def find_images(images_dir, subjects: Sequence[DreamSubject], limit_prompts: int | None = None) -> list[tuple[DreamSubject, int, int, Path]]:
     """(subject, prompt index, seed, path) of every image named p<k>_s<seed>.<ext> under IMAGES/<subject>/."""
     found = []
     for s in subjects:
-        folder = Path(images_dir) / s.name
-        for path in sorted(folder.glob("*")) if folder.is_dir() else []:
-            match = IMAGE_NAME.match(path.name)
-            if not match:
-                continue
+        for match, path in matching_files(Path(images_dir) / s.name, IMAGE_NAME):
             k, seed = int(match.group(1)), int(match.group(2))
             if k >= len(s.templates) or (limit_prompts is not None and k >= limit_prompts):
                 continue
@@ -185,20 +170,16 @@ def score_images(scorer, subjects: Sequence[DreamSubject], images_dir, limit_pro
                  quiet: bool = False) -> list[dict]:
     """One row per generated image (CSV_FIELDS), subject by subject; each subject's real photos embedded once."""
     found = find_images(images_dir, subjects, limit_prompts)
-    rows = []
-    bar = _bar(len(found), "score", quiet)
-    for s in subjects:
-        mine = [f for f in found if f[0] is s]
-        for start in range(0, len(mine), 32):
-            chunk = mine[start:start + 32]
-            prompts = [s.prompt(k) for _, k, _, _ in chunk]
-            scores = scorer.score([p for *_, p in chunk], prompts, s.name, [str(p) for p in s.photos])
-            for (_, k, seed, path), prompt, sc in zip(chunk, prompts, scores):
-                rows.append({"subject": s.name, "prompt": prompt, "seed": seed,
-                             "image": path.relative_to(images_dir).as_posix(), **sc})
-            bar.update(len(chunk))
-    bar.close()
-    return rows
+
+    def score(chunk):  # one subject per chunk: its photos are the reference of every image in it
+        s = chunk[0][0]
+        prompts = [s.prompt(k) for _, k, _, _ in chunk]
+        scores = scorer.score([p for *_, p in chunk], prompts, s.name, [str(p) for p in s.photos])
+        return [{"subject": s.name, "prompt": prompt, "seed": seed, "image": path.relative_to(images_dir).as_posix(),
+                 **sc} for (_, k, seed, path), prompt, sc in zip(chunk, prompts, scores)]
+
+    in_order = [f for s in subjects for f in found if f[0] is s]
+    return score_in_chunks(in_order, score, quiet=quiet, key=lambda f: f[0].name)
 
 
 def write_scores(rows: Sequence[dict], path) -> Path:
@@ -218,18 +199,14 @@ def summary_markdown(rows: Sequence[dict], settings: dict[str, object] | None = 
              f"{len(rows)} generated images, {len(per_subject(rows))} subjects, "
              f"{len({(r['subject'], r['prompt']) for r in rows})} (subject, prompt) pairs.", "",
              "| | DINO | CLIP-I | CLIP-T |", "|---|---:|---:|---:|",
-             "| this run | " + " | ".join(f"{m[k]:.3f}" for k in METRICS) + " |",
-             "| paper (λ-ECLIPSE, Table 2) | " + " | ".join(f"{PAPER[k]:.3f}" for k in METRICS) + " |",
-             "| difference | " + " | ".join(f"{m[k] - PAPER[k]:+.3f}" for k in METRICS) + " |", "",
+             means_row("this run", m), means_row("paper (λ-ECLIPSE, Table 2)", PAPER),
+             means_row("difference", {k: m[k] - PAPER[k] for k in METRICS}, "{:+.3f}"), "",
              "The paper's row averages 30 subjects × 25 prompts × 4 images; a run with fewer subjects, prompts or "
              "images, other metric weights or another resolution is not directly comparable.", "",
              "## Per subject", "", "| subject | images | DINO | CLIP-I | CLIP-T |", "|---|---:|---:|---:|---:|"]
     for name, group in sorted(per_subject(rows).items()):
-        g = means(group)
-        lines.append(f"| {name} | {len(group)} | " + " | ".join(f"{g[k]:.3f}" for k in METRICS) + " |")
-    if settings:
-        lines += ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in settings.items()]
-    return "\n".join(lines) + "\n"
+        lines.append(means_row(f"{name} | {len(group)}", means(group)))
+    return "\n".join(lines + settings_lines(settings)) + "\n"
 
 
 def plot_scores(rows: Sequence[dict], path) -> Path:

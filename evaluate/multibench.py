@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .common import (MULTIBENCH_FIELDS, DatasetError, GenerationJob, generate_jobs, means, photos_in, plot_groups,
-                     progress_bar, reference_photo, write_csv, write_text)
+from .common import (MULTIBENCH_FIELDS, DatasetError, generate_missing_images, matching_files, means, means_row,
+                     photos_in, plot_groups, score_in_chunks, settings_lines, subject_input, write_csv, write_text)
+from .common import missing_images as common_missing
 from .metrics import METRICS
 
 log = logging.getLogger("lambda_eclipse")
@@ -442,12 +443,7 @@ def image_path(images_dir, composition: Composition, seed: int) -> Path:
 
 def missing_images(compositions: Sequence[Composition], images_dir, seeds: Sequence[int]) -> list[tuple[Composition, list[int]]]:
     """(composition, the seeds whose image does not exist yet); existing images are never redone."""
-    todo = []
-    for c in compositions:
-        missing = [s for s in seeds if not image_path(images_dir, c, s).exists()]
-        if missing:
-            todo.append((c, missing))
-    return todo
+    return common_missing(compositions, seeds, lambda c, seed: image_path(images_dir, c, seed))
 
 
 def generate_missing(models, pool: Sequence[MultiSubject], compositions: Sequence[Composition], images_dir,
@@ -455,19 +451,11 @@ def generate_missing(models, pool: Sequence[MultiSubject], compositions: Sequenc
                      width: int = 512, height: int = 512, sampler: str = "ddpm", fit: str = "crop",
                      quiet: bool = False) -> int:
     """Generate every missing image; one SubjectInput per subject (its word and reference photo)."""
-    from ..core.pipeline import SubjectInput
-
     by_name = {s.name: s for s in pool}
-    jobs = []
-    for c, missing in missing_images(compositions, images_dir, seeds):
-        inputs = []
-        for name in c.subjects:
-            s = by_name[name]
-            photo = reference_photo(s, reference)
-            inputs.append(SubjectInput(s.word, str(photo), str(s.masks[photo.name]) if photo.name in s.masks else None))
-        jobs.append(GenerationJob(c.prompt, inputs, {seed: image_path(images_dir, c, seed) for seed in missing}))
-    return generate_jobs(models, jobs, steps=steps, guidance=guidance, width=width, height=height, sampler=sampler,
-                         fit=fit, quiet=quiet)
+    return generate_missing_images(
+        models, compositions, seeds, lambda c, seed: image_path(images_dir, c, seed), lambda c: c.prompt,
+        lambda c: [subject_input(by_name[name].word, by_name[name], reference) for name in c.subjects],
+        steps=steps, guidance=guidance, width=width, height=height, sampler=sampler, fit=fit, quiet=quiet)
 
 
 # -- scoring ---------------------------------------------------------------------------------------------------------
@@ -478,11 +466,7 @@ def find_images(images_dir, compositions: Sequence[Composition]) -> tuple[list[t
     by_key = {(c.folder, c.id): c for c in compositions}
     found, stray = [], 0
     for folder in sorted({c.folder for c in compositions}):
-        directory = Path(images_dir) / folder
-        for path in sorted(directory.glob("*")) if directory.is_dir() else []:
-            match = IMAGE_NAME.match(path.name)
-            if not match:
-                continue
+        for match, path in matching_files(Path(images_dir) / folder, IMAGE_NAME):
             c = by_key.get((folder, match.group("id")))
             if c is None:
                 stray += 1
@@ -499,18 +483,15 @@ def score_images(scorer, pool: Sequence[MultiSubject], compositions: Sequence[Co
     found, stray = find_images(images_dir, compositions)
     if stray:
         log.warning("%d image(s) under %s match no composition of prompts.csv and are not scored", stray, images_dir)
-    rows = []
-    bar = progress_bar(len(found), "score", quiet)
-    for start in range(0, len(found), 32):
-        chunk = found[start:start + 32]
+
+    def score(chunk):
         subjects = [[(name, [str(p) for p in by_name[name].photos]) for name in c.subjects] for c, _, _ in chunk]
         scores = scorer.score_multi([path for *_, path in chunk], [c.prompt for c, _, _ in chunk], subjects)
-        for (c, seed, path), sc in zip(chunk, scores):
-            rows.append({"count": c.count, "composition": c.id, "subjects": "+".join(c.subjects), "prompt": c.prompt,
-                         "seed": seed, "image": path.relative_to(images_dir).as_posix(), **sc})
-        bar.update(len(chunk))
-    bar.close()
-    return rows
+        return [{"count": c.count, "composition": c.id, "subjects": "+".join(c.subjects), "prompt": c.prompt,
+                 "seed": seed, "image": path.relative_to(images_dir).as_posix(), **sc}
+                for (c, seed, path), sc in zip(chunk, scores)]
+
+    return score_in_chunks(found, score, quiet=quiet)
 
 
 def write_scores(rows: Sequence[dict], path) -> Path:
@@ -518,7 +499,7 @@ def write_scores(rows: Sequence[dict], path) -> Path:
 
 
 def _row(label: str, values: dict, fmt: str = "{:.4f}") -> str:
-    return f"| {label} | " + " | ".join(fmt.format(values[k]) for k in METRICS) + " |"
+    return means_row(label, values, fmt)
 
 
 CAVEAT = ("The paper's subject pairings and its extra concepts (various parks, hats, glasses, …) are not public: "
@@ -557,9 +538,7 @@ def summary_markdown(rows: Sequence[dict], compositions: Sequence[Composition], 
     if unfillable:
         lines += ["", "Templates no subject fits (add concept folders of the kinds they need, see EVALUATION.md): "
                   + "; ".join(f"`{t}`" for t in unfillable) + "."]
-    if settings:
-        lines += ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in settings.items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + settings_lines(settings)) + "\n"
 
 
 def plot_scores(rows: Sequence[dict], compositions: Sequence[Composition], path) -> Path:
